@@ -1,0 +1,27 @@
+"""All tables, importable from one place (Alembic's autogenerate reads Base.metadata)."""
+
+from engine.models.base import Base
+from engine.models.campaigns import Audience, Campaign, CampaignChannel
+from engine.models.contacts import Contact, Suppression
+from engine.models.conversations import Conversation, Message
+from engine.models.deliveries import Delivery
+from engine.models.sources import ContactSource, DataEvent, DataSource
+from engine.models.users import TokenBlacklist, User, UserSession
+
+__all__ = [
+    "Audience",
+    "Base",
+    "Campaign",
+    "CampaignChannel",
+    "Contact",
+    "ContactSource",
+    "Conversation",
+    "DataEvent",
+    "DataSource",
+    "Delivery",
+    "Message",
+    "Suppression",
+    "TokenBlacklist",
+    "User",
+    "UserSession",
+]

@@ -1,0 +1,63 @@
+"""The per-message log: one row per campaign channel and contact.
+
+It is the source of truth: each campaign_channels counter must equal
+count(*) WHERE <event>_at IS NOT NULL over these rows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from engine.models.base import Base, UTCDateTime, check_in, created_at
+from engine.models.enums import DELIVERY_STATUSES
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity,
+# which keeps keyset batching over millions of rows cheap.
+DeliveryId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Delivery(Base):
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        CheckConstraint(check_in("status", DELIVERY_STATUSES), name="status"),
+        UniqueConstraint("campaign_channel_id", "contact_id"),
+        Index(None, "campaign_channel_id", "status"),
+        Index(None, "contact_id"),
+    )
+
+    id: Mapped[int] = mapped_column(DeliveryId, primary_key=True, autoincrement=True)
+    campaign_channel_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("campaign_channels.id", ondelete="CASCADE"), nullable=False
+    )
+    # Cleared when a contact is erased; the row (and so the counters) stays.
+    contact_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("contacts.id", ondelete="SET NULL")
+    )
+    # The address used at send time, so the log survives edits and erasure (redacted then).
+    address: Mapped[str | None] = mapped_column(String(512))
+    status: Mapped[str] = mapped_column(
+        String(20), nullable=False, server_default="queued", default="queued"
+    )
+    provider_message_id: Mapped[str | None] = mapped_column(String(255))
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0", default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    opened_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    clicked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = created_at()

@@ -1,0 +1,1 @@
+"""Domain services: functions over a Session. They flush but never commit."""
