@@ -1,0 +1,88 @@
+"""The Celery application, built from the engine's settings.
+
+Delivery on Redis is at least once, so every task is written to be repeatable, and the
+settings below make a crash redeliver rather than lose: acks after the task ran, one
+message prefetched per process, and a hard time limit well below the visibility
+timeout so a slow task is killed before Redis hands its message to someone else.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from engine.settings import QUEUES, Settings
+
+VISIBILITY_TIMEOUT = 3600
+TASK_HARD_TIME_LIMIT = 600
+TASK_SOFT_TIME_LIMIT = 540
+
+# Task names are stable strings (not module paths) so moving code never strands
+# messages already sitting in a queue.
+TASK_ROUTES = {
+    "herald.email.*": {"queue": "email"},
+    "herald.sms.*": {"queue": "sms"},
+    "herald.push.*": {"queue": "push"},
+    "herald.whatsapp.*": {"queue": "whatsapp"},
+    "herald.sync.*": {"queue": "sync"},
+    "herald.*": {"queue": "default"},
+}
+
+
+def broker_options(settings: Settings) -> dict:
+    if not settings.embedded:
+        return {"visibility_timeout": VISIBILITY_TIMEOUT}
+    # kombu's filesystem transport: the embedded default's broker, no server needed.
+    # One folder serves as both inbox and outbox, so producer and worker meet there.
+    folder = settings.broker_folder
+    for sub in ("queue", "control"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(folder / "queue"),
+        "data_folder_out": str(folder / "queue"),
+        "control_folder": str(folder / "control"),
+        "store_processed": False,
+    }
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("herald", set_as_current=True)
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_transport_options=broker_options(settings),
+        broker_connection_retry_on_startup=True,
+        task_queues=[
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
+        ],
+        task_default_queue="default",
+        task_default_exchange="default",
+        task_default_routing_key="default",
+        task_routes=TASK_ROUTES,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=TASK_HARD_TIME_LIMIT,
+        task_soft_time_limit=TASK_SOFT_TIME_LIMIT,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_serializer="json",
+        accept_content=["json"],
+        timezone="UTC",
+        enable_utc=True,
+        beat_schedule=beat_schedule(),
+    )
+    app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
+    return app
+
+
+def beat_schedule() -> dict:
+    # The schedule lives in code; beat's state file (celerybeat-schedule) is runtime
+    # state and gitignored. Every scheduled task is idempotent, so a second beat run
+    # by mistake repeats work but never duplicates an effect.
+    return {
+        "purge-expired-tokens": {
+            "task": "herald.purge_expired_tokens",
+            "schedule": 3600.0,
+        },
+    }
