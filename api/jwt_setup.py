@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-from flask import Flask, request
+from flask import Flask, g, request
 from flask_jwt_extended import create_access_token, create_refresh_token
 
 from api.errors import error_response
@@ -56,11 +56,18 @@ def _is_revoked(_header: dict, payload: dict) -> bool:
         # The refresh endpoint judges refresh tokens itself: a revoked one presented
         # again is evidence of theft and must revoke every session, not just fail.
         return False
-    return auth.is_access_token_revoked(db.session, payload["jti"], payload.get("sid"))
+    # One query answers both "is it revoked?" and "who is it?"; keep the user for
+    # the lookup below instead of asking the database twice.
+    g.token_user = auth.user_for_access_token(
+        db.session, payload["sub"], payload["jti"], payload.get("sid")
+    )
+    return g.token_user is None
 
 
 @jwt.user_lookup_loader
 def _load_user(_header: dict, payload: dict):
+    if payload.get("type") != "refresh":
+        return g.pop("token_user", None)
     user = auth.get_user(db.session, payload["sub"])
     return user if user is not None and user.is_active else None
 

@@ -8,7 +8,7 @@ themselves from the same object.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Development defaults: good enough to try Herald on a laptop, refused in production.
@@ -219,17 +219,6 @@ class Settings:
             raise ConfigError(
                 "HERALD_ENV=production refuses default or short secrets: " + ", ".join(weak)
             )
-
-    def public_dict(self) -> dict[str, object]:
-        """Settings with secrets masked, for logs and the CLI."""
-        secret_words = ("secret", "password", "token", "key", "auth")
-        out: dict[str, object] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if any(w in f.name for w in secret_words) and value:
-                value = "***"
-            out[f.name] = value
-        return out
 
 
 _settings: Settings | None = None

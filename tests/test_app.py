@@ -137,3 +137,14 @@ def test_deleted_account_tokens_stop_working(client, db_session):
         client.get("/api/v1/auth/me", headers=bearer(pair["access_token"])), 401, "token_revoked"
     )
     assert register(client).status_code == 201
+
+
+def test_an_unexpected_failure_is_a_json_500_not_html(settings):
+    from api import create_app
+
+    broken = create_app(replace(settings, database_url="postgresql://postgres@127.0.0.1:1/nowhere"))
+    response = broken.test_client().post(
+        "/api/v1/auth/login", json={"email": "a@example.com", "password": "whatever-it-is"}
+    )
+    assert_error(response, 500, "internal_error")
+    assert "<html" not in response.get_data(as_text=True).lower()

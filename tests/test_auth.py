@@ -351,3 +351,23 @@ def test_purge_drops_only_expired_rows(app, db_session):
     assert purge_expired_tokens(db_session, now) == {"blacklist": 1, "sessions": 1}
     db_session.commit()
     assert [r.jti for r in db_session.scalars(select(TokenBlacklist))] == ["j1"]
+
+
+def test_racing_refreshes_with_one_token_have_exactly_one_winner(app):
+    import threading
+
+    client = app.test_client()
+    pair = signed_up(client)
+    barrier = threading.Barrier(4)
+    statuses: list[int] = []
+
+    def refresh_once():
+        barrier.wait()
+        statuses.append(_refresh(app.test_client(), pair["refresh_token"]).status_code)
+
+    threads = [threading.Thread(target=refresh_once) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [200, 401, 401, 401]
