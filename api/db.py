@@ -3,6 +3,7 @@ succeeds, rolled back otherwise. Services never commit; the request does, here."
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from flask import Flask, Response, g
@@ -10,6 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from engine.db import make_engine, make_session_factory
 from engine.settings import Settings
+
+log = logging.getLogger("herald.api")
 
 
 class Database:
@@ -39,7 +42,12 @@ class Database:
         if response.status_code < 400:
             session.commit()
             for callback in g.pop("after_commit", []):
-                callback()
+                try:
+                    callback()
+                except Exception:
+                    # The data is committed; answering 500 now would tell the client
+                    # it was not. Log it: a lost email can be asked for again.
+                    log.exception("after-commit action failed")
         else:
             session.rollback()
         return response

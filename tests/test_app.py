@@ -148,3 +148,17 @@ def test_an_unexpected_failure_is_a_json_500_not_html(settings):
     )
     assert_error(response, 500, "internal_error")
     assert "<html" not in response.get_data(as_text=True).lower()
+
+
+def test_registration_stands_when_the_broker_is_down(settings, db_session):
+    """The account is committed before the email is queued; a broker outage must not
+    turn that into a 500 (the client would retry and hit 409)."""
+    from api import create_app
+    from engine.models import User
+
+    app = create_app(replace(settings, redis_url="redis://127.0.0.1:1/0"))
+    app.extensions["herald"].celery.conf.broker_connection_max_retries = 0
+    app.extensions["herald"].celery.conf.broker_transport_options = {"max_retries": 0}
+    response = register(app.test_client(), "offline@example.com")
+    assert response.status_code == 201, response.get_data(as_text=True)
+    assert db_session.query(User).filter_by(email="offline@example.com").count() == 1

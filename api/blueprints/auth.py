@@ -60,7 +60,6 @@ def _session_id() -> uuid.UUID | None:
 def register(args: dict):
     """Create an account; a verification token is emailed to it."""
     user = auth.register_user(db.session, **args)
-    db.session.flush()
     enqueue_system_email(auth.verification_email(settings(), user))
     return user
 
