@@ -13,7 +13,7 @@ from engine.settings import Settings, get_settings
 
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> Flask:
     from api import cli, jwt_setup
-    from api.blueprints import auth, health
+    from api.blueprints import audiences, auth, campaigns, contacts, conversations, health, sources
     from api.body_limits import init_body_limits
     from api.errors import register_error_handlers
     from api.extensions import db, openapi
@@ -45,7 +45,8 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     jwt_setup.configure_jwt(app, settings)
     init_body_limits(app)
     openapi.init_app(app)
-    openapi.register_blueprint(auth.blp)
+    for resource in (auth, contacts, campaigns, audiences, sources, conversations):
+        openapi.register_blueprint(resource.blp)
     app.register_blueprint(health.blp)
     register_error_handlers(app)
     cli.register(app)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DATABASE_URL = os.environ.get(
@@ -183,3 +183,33 @@ def db_session(app):
     session = db.factory()
     yield session
     session.close()
+
+
+def make_account(client, email: str, *, verified: bool = True) -> dict:
+    """A registered, logged-in marketer: {"id", "email", "headers"}."""
+    from sqlalchemy import update
+
+    from api.extensions import db
+    from engine.models import User
+    from tests.helpers import bearer, signed_up
+
+    pair = signed_up(client, email)
+    with client.application.app_context():
+        session = db.factory()
+        session.execute(update(User).where(User.email == email).values(is_verified=verified))
+        session.commit()
+        user_id = session.scalar(select(User.id).where(User.email == email))
+        session.close()
+    return {"id": user_id, "email": email, "headers": bearer(pair["access_token"])}
+
+
+@pytest.fixture
+def alice(client) -> dict:
+    """A verified marketer, logged in."""
+    return make_account(client, "alice@example.com")
+
+
+@pytest.fixture
+def bob(client) -> dict:
+    """A second verified marketer, for cross-tenant checks."""
+    return make_account(client, "bob@example.com")

@@ -41,6 +41,9 @@ class DataSource(Base):
         String(50), nullable=False, server_default="active", default="active"
     )
     last_sync_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Public key that collection endpoints (GTM, pixel) are addressed with; it sits in
+    # web pages, so it identifies a source rather than proving anything.
+    ingest_key: Mapped[str | None] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = created_at()
     updated_at: Mapped[datetime] = updated_at()
 
