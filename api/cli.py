@@ -1,5 +1,5 @@
 """Ops chores as Flask CLI commands: `flask --app api users create|verify|list`,
-`flask --app api tokens purge`."""
+`flask --app api tokens purge`, `flask --app api secrets rotate`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ from flask.cli import AppGroup
 from sqlalchemy import select
 
 from api.extensions import db
-from api.runtime import clock
+from api.runtime import clock, settings
+from engine.crypto import SecretBox
 from engine.errors import DomainError
 from engine.models import User
-from engine.services import auth
+from engine.services import auth, sources
+from engine.settings import ConfigError
 
 users = AppGroup("users", help="Manage marketer accounts.")
 tokens = AppGroup("tokens", help="Token housekeeping.")
+secrets_cli = AppGroup("secrets", help="Secrets stored encrypted (data source tokens).")
 
 
 def _commit_or_fail(action) -> object:
@@ -82,6 +85,44 @@ def purge_tokens():
     click.echo(f"purged {purged['blacklist']} blacklist rows, {purged['sessions']} sessions")
 
 
+@secrets_cli.command("rotate")
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 10_000))
+def rotate_secrets(batch_size):
+    """Re-encrypt every stored secret under the first ENCRYPTION_KEY key.
+
+    After it succeeds, the older keys can be removed from ENCRYPTION_KEY. Each batch is
+    its own transaction, so an interrupted run is simply run again.
+    """
+    try:
+        box = SecretBox(settings())
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    session = db.session
+    after_id = None
+    rotated = current = seen = 0
+    unreadable = []
+    while True:
+        batch = sources.rotate_secrets_batch(session, box, after_id=after_id, limit=batch_size)
+        session.commit()
+        seen += batch.sources_seen
+        rotated += batch.secrets_rotated
+        current += batch.secrets_current
+        unreadable.extend(batch.unreadable_sources)
+        if batch.sources_seen < batch_size:
+            break
+        after_id = batch.last_id
+    click.echo(
+        f"rotated {rotated} secret(s) across {seen} source(s); "
+        f"{current} already under the current key"
+    )
+    if unreadable:
+        raise click.ClickException(
+            f"{len(unreadable)} source(s) hold secrets no configured key decrypts; keep the "
+            "old key until they are re-entered: " + ", ".join(str(i) for i in unreadable)
+        )
+
+
 def register(app: Flask) -> None:
     app.cli.add_command(users)
     app.cli.add_command(tokens)
+    app.cli.add_command(secrets_cli)
