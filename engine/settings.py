@@ -200,6 +200,9 @@ class Settings:
                 raise ConfigError(f"{name} must be one of {', '.join(sorted(allowed))}")
         if self.jwt_access_token_expires <= 0 or self.jwt_refresh_token_expires <= 0:
             raise ConfigError("JWT token lifetimes must be positive numbers of seconds")
+        from engine.crypto import parse_keys  # here: crypto itself imports this module
+
+        parse_keys(self.encryption_key)  # a bad key fails at start-up, not on first use
         if self.is_production:
             self._refuse_default_secrets()
         return self

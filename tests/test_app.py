@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from cryptography.fernet import Fernet
 
 from engine.settings import DEV_ENCRYPTION_KEY, ConfigError, Settings
 from tests.helpers import assert_error, bearer, login, register, signed_up
@@ -62,9 +63,12 @@ def test_production_refuses_default_secrets(settings):
     )
     with pytest.raises(ConfigError, match="ENCRYPTION_KEY"):
         strong.validated()
+    real_key = Fernet.generate_key().decode()
     with pytest.raises(ConfigError, match="JWT_SECRET_KEY"):
-        replace(strong, encryption_key="k" * 44, jwt_secret_key="short").validated()
-    ok = replace(strong, encryption_key="k" * 44).validated()
+        replace(strong, encryption_key=real_key, jwt_secret_key="short").validated()
+    with pytest.raises(ConfigError, match="not a valid Fernet key"):
+        replace(strong, encryption_key="k" * 44).validated()
+    ok = replace(strong, encryption_key=f"{real_key},{DEV_ENCRYPTION_KEY}").validated()
     assert create_app(ok).config["SECRET_KEY"] == "s" * 40
 
 
