@@ -1,5 +1,5 @@
 """Task modules; importing this package registers every task with the app."""
 
-from workers.tasks import maintenance, system_mail
+from workers.tasks import imports, maintenance, system_mail
 
-__all__ = ["maintenance", "system_mail"]
+__all__ = ["imports", "maintenance", "system_mail"]
