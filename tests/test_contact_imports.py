@@ -293,3 +293,34 @@ def test_ragged_and_nul_rows_are_rejected_with_their_row_number(app, client, ali
         {"row": 3, "errors": {"row": ["Contains a NUL character."]}},
     ]
     session.close()
+
+
+def test_beat_resumes_an_import_whose_task_was_lost(client, alice, db_session, request):
+    """The enqueue after the upload is lost (here: the queue is emptied before any
+    worker runs); beat's sweep finds the stalled import in PostgreSQL and finishes it."""
+    from datetime import timedelta
+
+    import redis as redis_client
+
+    from engine.contacts.csv_import import stalled_imports
+    from tests.conftest import TEST_REDIS_URL
+    from workers.tasks.imports import STALL_GRACE, resume_stalled_imports_task
+
+    response = upload(client, alice, "email\nlost1@example.com\nlost2@example.com\n")
+    assert response.status_code == 202, response.get_json()
+    job_id = uuid.UUID(response.get_json()["id"])
+    # Whatever reached the broker is gone, as after a Redis restart.
+    assert redis_client.Redis.from_url(TEST_REDIS_URL).delete("sync") == 1
+    db_session.execute(
+        text("UPDATE contact_imports SET updated_at = updated_at - interval '1 hour'")
+    )
+    db_session.commit()
+
+    now = datetime.now(UTC)
+    assert stalled_imports(db_session, now, STALL_GRACE) == [job_id]
+    assert stalled_imports(db_session, now, timedelta(days=1)) == []
+
+    request.getfixturevalue("celery_worker")  # only now does a worker run
+    assert resume_stalled_imports_task.apply().get() == 1
+    finished = wait_until_finished(client, alice, str(job_id))
+    assert (finished["status"], finished["created"]) == ("completed", 2)

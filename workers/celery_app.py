@@ -85,4 +85,8 @@ def beat_schedule() -> dict:
             "task": "herald.purge_expired_tokens",
             "schedule": 3600.0,
         },
+        "resume-stalled-imports": {
+            "task": "herald.sync.resume_stalled_imports",
+            "schedule": 60.0,
+        },
     }

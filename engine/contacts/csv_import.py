@@ -30,7 +30,7 @@ import io
 import json
 import uuid
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import IO, Any
 
 from sqlalchemy import delete, select, update
@@ -225,6 +225,20 @@ def run_import_batch(
         .execution_options(synchronize_session=False)
     )
     return not finished
+
+
+def stalled_imports(session: Session, now: datetime, grace: timedelta) -> list[uuid.UUID]:
+    """Imports waiting for a worker that is not coming: queued or running, untouched for
+    `grace`. The enqueue after the upload commits can be lost (Redis down, a restart
+    emptying the queue); re-enqueueing is safe because a batch resumes from rows_done."""
+    return list(
+        session.scalars(
+            select(ContactImport.id).where(
+                ContactImport.status.in_(("queued", "running")),
+                ContactImport.updated_at < now - grace,
+            )
+        )
+    )
 
 
 def mark_import_failed(session: Session, import_id: uuid.UUID, reason: str, now: datetime) -> None:

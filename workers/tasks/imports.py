@@ -11,13 +11,19 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from datetime import timedelta
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
 from engine.clock import system_clock
-from engine.contacts.csv_import import ImportCheckpointMoved, mark_import_failed, run_import_batch
+from engine.contacts.csv_import import (
+    ImportCheckpointMoved,
+    mark_import_failed,
+    run_import_batch,
+    stalled_imports,
+)
 from engine.errors import Conflict
 from workers.db import task_session
 
@@ -25,6 +31,9 @@ log = logging.getLogger("herald.imports")
 
 # Well under the soft time limit (540 s): the task re-enqueues itself past this.
 TIME_BUDGET_SECONDS = 240
+# A running import touches its job row every batch (seconds); this much silence means
+# nobody is working on it.
+STALL_GRACE = timedelta(minutes=5)
 # A concurrent write, a moved checkpoint, a deadlock or a lost connection: try again.
 TRANSIENT = (Conflict, ImportCheckpointMoved, OperationalError, SoftTimeLimitExceeded)
 
@@ -53,6 +62,18 @@ def import_contacts_task(self, import_id: str) -> str:
         log.exception("import %s failed", import_id)
         _give_up(job_id, "the import stopped on an unexpected error")
         raise
+
+
+@shared_task(name="herald.sync.resume_stalled_imports")
+def resume_stalled_imports_task() -> int:
+    """Beat's safety net: PostgreSQL, not the broker, says which imports still have work."""
+    with task_session() as session:
+        stalled = stalled_imports(session, system_clock.now(), STALL_GRACE)
+    for job_id in stalled:
+        import_contacts_task.delay(str(job_id))
+    if stalled:
+        log.warning("re-enqueued %d stalled import(s)", len(stalled))
+    return len(stalled)
 
 
 def _give_up(job_id: uuid.UUID, reason: str) -> None:
