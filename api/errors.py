@@ -134,7 +134,14 @@ def handle_unexpected(error: Exception):
     return handle_http_exception(InternalServerError())
 
 
+def handle_too_deeply_nested(_error: RecursionError):
+    # json.loads recurses per nesting level: "[[[[…" a hundred thousand deep blows the
+    # stack while parsing. That is a malformed body, not a server fault.
+    return error_response(400, "invalid_json", "request body is nested too deeply")
+
+
 def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(DomainError, handle_domain_error)
+    app.register_error_handler(RecursionError, handle_too_deeply_nested)
     app.register_error_handler(Exception, handle_unexpected)

@@ -371,3 +371,9 @@ def test_racing_refreshes_with_one_token_have_exactly_one_winner(app):
     for thread in threads:
         thread.join()
     assert sorted(statuses) == [200, 401, 401, 401]
+
+
+def test_a_body_nested_too_deeply_is_a_400(client):
+    body = "[" * 100_000 + "]" * 100_000
+    response = client.post("/api/v1/auth/login", data=body, content_type="application/json")
+    assert_error(response, 400, "invalid_json")
