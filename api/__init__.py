@@ -17,6 +17,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     from api.body_limits import init_body_limits
     from api.errors import register_error_handlers
     from api.extensions import db, openapi
+    from api.input_guard import init_input_guard
     from api.openapi import OPENAPI_CONFIG
     from api.runtime import Runtime, init_runtime
     from engine.throttle import LoginThrottle
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     db.init_app(app, settings)
     jwt_setup.configure_jwt(app, settings)
     init_body_limits(app)
+    init_input_guard(app)
     openapi.init_app(app)
     for resource in (auth, contacts, campaigns, audiences, sources, conversations):
         openapi.register_blueprint(resource.blp)

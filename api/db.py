@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flask import Flask, Response, g
+from flask import Flask, Response, current_app, g, has_app_context
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine.db import make_engine, make_session_factory
@@ -16,13 +17,35 @@ log = logging.getLogger("herald.api")
 
 
 class Database:
-    factory: sessionmaker[Session]
+    """Each app gets its own engine (app.extensions); this object only finds it."""
+
+    _latest: sessionmaker[Session] | None = None
 
     def init_app(self, app: Flask, settings: Settings) -> None:
-        self.engine = make_engine(settings)
-        self.factory = make_session_factory(self.engine)
+        factory = make_session_factory(make_engine(settings))
+        app.extensions["herald_db"] = factory
+        self._latest = factory
         app.after_request(self._commit_on_success)
         app.teardown_appcontext(self._close)
+
+    @property
+    def factory(self) -> sessionmaker[Session]:
+        """The current app's session factory; outside an app context (scripts, test
+        threads), the most recently created app's."""
+        if has_app_context():
+            return current_app.extensions["herald_db"]
+        if self._latest is None:
+            raise RuntimeError("no Herald app has been created")
+        return self._latest
+
+    @property
+    def engine(self) -> Engine:
+        return self.factory.kw["bind"]
+
+    @staticmethod
+    def dispose(app: Flask) -> None:
+        """Close the app's pooled connections (tests make many apps)."""
+        app.extensions["herald_db"].kw["bind"].dispose()
 
     @property
     def session(self) -> Session:

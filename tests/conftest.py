@@ -157,8 +157,12 @@ def settings(base_settings) -> Settings:
 @pytest.fixture
 def app(settings):
     from api import create_app
+    from api.extensions import db
 
-    return create_app(settings)
+    app = create_app(settings)
+    yield app
+    db.dispose(app)
+    app.extensions["herald"].celery.close()
 
 
 @pytest.fixture

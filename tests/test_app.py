@@ -166,3 +166,23 @@ def test_registration_stands_when_the_broker_is_down(settings, db_session):
     response = register(app.test_client(), "offline@example.com")
     assert response.status_code == 201, response.get_data(as_text=True)
     assert db_session.query(User).filter_by(email="offline@example.com").count() == 1
+
+
+def test_text_postgresql_cannot_store_is_a_422_naming_the_field(client, alice):
+    body = '{"title": "a\\u0000b", "extra": {"list": ["ok", "\\ud800"]}}'
+    response = client.post(
+        "/api/v1/conversations",
+        data=body,
+        content_type="application/json",
+        headers=alice["headers"],
+    )
+    error = assert_error(response, 422, "validation_error", "title", "extra.list[1]")
+    assert "NUL" in error["fields"]["title"][0]
+    assert_error(
+        client.get("/api/v1/contacts?email=a%00b", headers=alice["headers"]),
+        422,
+        "validation_error",
+        "email",
+    )
+    fine = client.post("/api/v1/conversations", json={"title": "ça va ✓"}, headers=alice["headers"])
+    assert fine.status_code == 201
