@@ -1,0 +1,142 @@
+"""The provider interface: one rendered message in, one classified outcome out.
+
+The dispatcher calls a channel once per message (or once per batch for a provider that
+accepts batches) so it can record each acceptance durably before the next call; that
+is what bounds the resends after a crash to the calls in flight. Providers therefore
+never raise for a message that failed: they classify it as transient (try again later)
+or permanent (it will never work), and the dispatcher decides what to do. Only a
+programming or configuration error raises.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Self
+
+Outcome = Literal["sent", "transient", "permanent"]
+
+# Long enough to diagnose, short enough to keep in deliveries.last_error for every row.
+ERROR_MAX = 500
+
+# The key travels inside a Message-ID left part and HTTP headers, so it stays within
+# RFC 5322 dot-atom characters; the dispatcher derives it from the delivery id anyway.
+_IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """One message for one contact, already rendered.
+
+    `content` holds the channel's rendered fields:
+    - email: subject, html and/or text, from_email, from_name, reply_to, headers
+      (e.g. List-Unsubscribe and List-Unsubscribe-Post);
+    - sms: body, sender;
+    - push: title, body, data (strings), image_url, url;
+    - whatsapp: template {name, language, parameters} or body.
+    """
+
+    delivery_id: int
+    idempotency_key: str
+    address: str = ""
+    content: Mapping[str, Any] = field(default_factory=dict)
+    push_tokens: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if not _IDEMPOTENCY_KEY.match(self.idempotency_key):
+            raise ValueError(
+                "idempotency_key must be 1-128 characters of letters, digits, '.', '_' "
+                f"or '-' starting with a letter or digit, got {self.idempotency_key!r}"
+            )
+
+
+@dataclass(frozen=True)
+class SendResult:
+    delivery_id: int
+    outcome: Outcome
+    provider_message_id: str | None = None
+    error: str | None = None
+    # Seconds the provider asked us to wait (Retry-After), for transient outcomes.
+    retry_after: float | None = None
+    # Push tokens the provider says will never work again; the caller removes them.
+    invalid_push_tokens: tuple[str, ...] = ()
+
+    @classmethod
+    def sent(
+        cls, delivery_id: int, provider_message_id: str, invalid_push_tokens: Sequence[str] = ()
+    ) -> Self:
+        return cls(
+            delivery_id,
+            "sent",
+            provider_message_id=provider_message_id,
+            invalid_push_tokens=tuple(invalid_push_tokens),
+        )
+
+    @classmethod
+    def transient(
+        cls,
+        delivery_id: int,
+        error: str,
+        retry_after: float | None = None,
+        invalid_push_tokens: Sequence[str] = (),
+    ) -> Self:
+        return cls(
+            delivery_id,
+            "transient",
+            error=_short(error),
+            retry_after=retry_after,
+            invalid_push_tokens=tuple(invalid_push_tokens),
+        )
+
+    @classmethod
+    def permanent(
+        cls, delivery_id: int, error: str, invalid_push_tokens: Sequence[str] = ()
+    ) -> Self:
+        return cls(
+            delivery_id,
+            "permanent",
+            error=_short(error),
+            invalid_push_tokens=tuple(invalid_push_tokens),
+        )
+
+    @property
+    def is_sent(self) -> bool:
+        return self.outcome == "sent"
+
+
+def _short(error: str) -> str:
+    error = " ".join(error.split())  # provider errors can span lines; the log wants one
+    return error if len(error) <= ERROR_MAX else error[: ERROR_MAX - 1] + "…"
+
+
+class Channel(ABC):
+    """A configured provider for one channel type. Not thread-safe: one per worker thread.
+
+    A channel holds a connection (an SMTP session, an HTTP pool) across calls, so make
+    one per worker process and close it on shutdown (it is also a context manager).
+    """
+
+    name: str  # the provider: "smtp", "twilio", "fcm", "cloud", "null"
+    channel_type: str  # "email", "sms", "push" or "whatsapp"
+    # True when send_many hands the whole batch to the provider in ONE call, so the
+    # dispatcher should use it (the batch is then in flight as a whole); False means
+    # the dispatcher should call send() per message and record each result in between.
+    accepts_batch: ClassVar[bool] = False
+
+    @abstractmethod
+    def send(self, message: OutboundMessage) -> SendResult:
+        """Hand one message to the provider; classify any per-message failure."""
+
+    def send_many(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
+        return [self.send(message) for message in messages]
+
+    def close(self) -> None:  # noqa: B027 - deliberately a no-op for stateless providers
+        """Release connections; the channel may not be used afterwards."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

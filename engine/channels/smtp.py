@@ -1,0 +1,265 @@
+"""Email over SMTP: one session reused for many messages.
+
+A campaign sends thousands of messages to the same relay, so the connection (TCP,
+STARTTLS, AUTH) is set up once and each message costs only MAIL/RCPT/DATA. The relay
+may drop an idle session at any time; a disconnect noticed at MAIL FROM on a reused
+session means nothing of this message reached the server, so we reconnect once and
+carry on. A disconnect later than that leaves the outcome unknown: transient, and the
+retry carries the same Message-ID so the receiving side can tell it is a resend.
+
+SMTP acceptance (250 after DATA) means "sent", never "delivered".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import smtplib
+import ssl
+from email import policy as email_policy
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import formatdate, parseaddr
+
+from engine.channels.base import Channel, OutboundMessage, SendResult
+from engine.settings import Settings
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 15.0
+
+# Headers the channel itself owns; a caller-supplied duplicate would make two of them.
+_OWN_HEADERS = frozenset(
+    {"from", "to", "subject", "date", "message-id", "reply-to", "mime-version", "content-type"}
+)
+# 7bit transfer encoding keeps the body valid on relays without 8BITMIME; only an
+# internationalised address (SMTPUTF8) needs raw UTF-8.
+_ASCII_POLICY = email_policy.SMTP.clone(cte_type="7bit")
+
+
+class _Unusable(Exception):
+    """The session could not be opened; carries the classified result."""
+
+    def __init__(self, outcome: str, error: str) -> None:
+        super().__init__(error)
+        self.outcome = outcome
+        self.error = error
+
+    def result(self, delivery_id: int) -> SendResult:
+        if self.outcome == "permanent":
+            return SendResult.permanent(delivery_id, self.error)
+        return SendResult.transient(delivery_id, self.error)
+
+
+class _StaleSession(Exception):
+    """The reused session was gone before this message's MAIL FROM was accepted."""
+
+
+class SmtpChannel(Channel):
+    name = "smtp"
+    channel_type = "email"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
+        local_hostname: str | None = None,
+    ) -> None:
+        self.host = settings.smtp_host
+        self.port = settings.smtp_port
+        self.username = settings.smtp_username
+        self.password = settings.smtp_password
+        self.starttls = settings.smtp_starttls
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.ssl_context = ssl_context
+        self.local_hostname = local_hostname
+        default_name, default_address = parseaddr(settings.email_from)
+        if "@" not in default_address:
+            raise ValueError(f"EMAIL_FROM has no address: {settings.email_from!r}")
+        self.default_from_name = default_name
+        self.default_from_email = default_address
+        self._smtp: smtplib.SMTP | None = None
+
+    # -- sending -------------------------------------------------------------------
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        try:
+            sender, email = self.build_email(message)
+            utf8 = not (sender.isascii() and message.address.isascii())
+            data = email.as_bytes(policy=email.policy)
+        except (ValueError, TypeError, LookupError) as exc:
+            return SendResult.permanent(message.delivery_id, f"could not build the email: {exc}")
+
+        for _ in range(2):  # a stale reused session earns exactly one reconnect
+            reused = self._smtp is not None
+            try:
+                smtp = self._session()
+            except _Unusable as unusable:
+                return unusable.result(message.delivery_id)
+            try:
+                return self._transact(smtp, message, sender, data, utf8)
+            except _StaleSession as stale:
+                self._discard()
+                if not reused:
+                    return SendResult.transient(
+                        message.delivery_id, f"SMTP connection lost before MAIL FROM: {stale}"
+                    )
+        return SendResult.transient(message.delivery_id, "SMTP connection lost twice")
+
+    def _transact(
+        self, smtp: smtplib.SMTP, message: OutboundMessage, sender: str, data: bytes, utf8: bool
+    ) -> SendResult:
+        delivery_id = message.delivery_id
+        options: list[str] = []
+        if utf8:
+            if not smtp.has_extn("smtputf8"):
+                return SendResult.permanent(
+                    delivery_id, "SMTP server does not support SMTPUTF8 (non-ASCII address)"
+                )
+            options = ["SMTPUTF8", "BODY=8BITMIME"]
+        try:
+            code, reply = smtp.mail(sender, options)
+        except smtplib.SMTPServerDisconnected as exc:
+            raise _StaleSession(str(exc)) from exc
+        if code == 421:  # the relay timed the idle session out and says so before closing
+            raise _StaleSession(f"421 {reply.decode('utf-8', 'replace')}")
+        try:
+            if code != 250:
+                return self._refused(smtp, delivery_id, "MAIL FROM", code, reply)
+            code, reply = smtp.rcpt(message.address)
+            if code not in (250, 251):
+                return self._refused(smtp, delivery_id, "RCPT TO", code, reply)
+            try:
+                code, reply = smtp.data(data)
+            except smtplib.SMTPDataError as exc:  # DATA itself refused (not 354)
+                return self._refused(smtp, delivery_id, "DATA", exc.smtp_code, exc.smtp_error)
+            if code != 250:
+                return self._refused(smtp, delivery_id, "end of DATA", code, reply)
+        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            # The relay may have queued the message before the line dropped: unknown,
+            # so transient; the resend carries the same Message-ID.
+            self._discard()
+            return SendResult.transient(delivery_id, f"SMTP connection lost mid-message: {exc}")
+        return SendResult.sent(delivery_id, _message_id(message, sender))
+
+    def _refused(
+        self, smtp: smtplib.SMTP, delivery_id: int, stage: str, code: int, reply: bytes | str
+    ) -> SendResult:
+        text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+        error = f"SMTP {stage} refused: {code} {text}"
+        if code == 421:  # the server is closing the session
+            self._discard()
+        else:
+            try:
+                smtp.rset()  # clear the envelope so the session serves the next message
+            except (smtplib.SMTPException, OSError):
+                self._discard()
+        if 500 <= code < 600:
+            return SendResult.permanent(delivery_id, error)
+        return SendResult.transient(delivery_id, error)  # 4xx, or a garbled reply (-1)
+
+    # -- the message -----------------------------------------------------------------
+
+    def build_email(self, message: OutboundMessage) -> tuple[str, EmailMessage]:
+        """(envelope sender, message). Raises ValueError when the content cannot make a
+        valid email (e.g. a header value with a line break)."""
+        content = message.content
+        sender = content.get("from_email") or self.default_from_email
+        from_name = content.get("from_name")
+        if from_name is None and not content.get("from_email"):
+            from_name = self.default_from_name
+        text, html = content.get("text"), content.get("html")
+        if not text and not html:
+            raise ValueError("an email needs text or html")
+        utf8 = not (sender.isascii() and message.address.isascii())
+        email = EmailMessage(policy=email_policy.SMTPUTF8 if utf8 else _ASCII_POLICY)
+        local_part, _, domain = sender.rpartition("@")
+        email["From"] = Address(display_name=from_name or "", username=local_part, domain=domain)
+        email["To"] = message.address
+        email["Subject"] = content.get("subject") or ""
+        email["Date"] = formatdate(usegmt=True)
+        email["Message-ID"] = _message_id(message, sender)
+        if content.get("reply_to"):
+            email["Reply-To"] = content["reply_to"]
+        for name, value in (content.get("headers") or {}).items():
+            if name.lower() in _OWN_HEADERS:
+                raise ValueError(f"header {name} is set by the email channel itself")
+            email[name] = value
+        if text and html:
+            email.set_content(text)
+            email.add_alternative(html, subtype="html")
+        elif html:
+            email.set_content(html, subtype="html")
+        else:
+            email.set_content(text)
+        return sender, email
+
+    # -- the session -----------------------------------------------------------------
+
+    def _session(self) -> smtplib.SMTP:
+        if self._smtp is None:
+            self._smtp = self._connect()
+        return self._smtp
+
+    def _connect(self) -> smtplib.SMTP:
+        try:
+            # Host given here, not to connect(): STARTTLS verifies the certificate
+            # against the name the SMTP object was constructed with.
+            smtp = smtplib.SMTP(
+                self.host,
+                self.port,
+                timeout=self.connect_timeout,
+                local_hostname=self.local_hostname,
+            )
+        except Exception as exc:
+            raise _classify_session_failure(exc) from exc
+        try:
+            smtp.sock.settimeout(self.read_timeout)
+            smtp.ehlo_or_helo_if_needed()
+            if self.starttls:
+                smtp.starttls(context=self.ssl_context or ssl.create_default_context())
+                smtp.ehlo()
+            if self.username:
+                smtp.login(self.username, self.password)
+        except Exception as exc:
+            smtp.close()
+            raise _classify_session_failure(exc) from exc
+        return smtp
+
+    def _discard(self) -> None:
+        if self._smtp is not None:
+            self._smtp.close()
+            self._smtp = None
+
+    def close(self) -> None:
+        if self._smtp is not None:
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                self._smtp.quit()  # polite, but a relay that already hung up is fine too
+            self._discard()
+
+
+def _message_id(message: OutboundMessage, sender: str) -> str:
+    """Derived from the idempotency key, so a resend of the same delivery has the same
+    Message-ID and receivers (and our bounce handling) see one message."""
+    domain = sender.rpartition("@")[2] or "localhost"
+    return f"<herald.{message.idempotency_key}@{domain}>"
+
+
+def _classify_session_failure(exc: Exception) -> _Unusable:
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        if 400 <= exc.smtp_code < 500:
+            return _Unusable("transient", f"SMTP AUTH temporarily refused: {exc.smtp_code}")
+        return _Unusable("permanent", f"SMTP credentials rejected ({exc.smtp_code})")
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
+        return _Unusable("permanent", f"SMTP server lacks a configured feature: {exc}")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _Unusable("permanent", f"SMTP server's TLS certificate rejected: {exc}")
+    if isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code >= 500:
+        error = exc.smtp_error
+        text = error.decode("utf-8", "replace") if isinstance(error, bytes) else str(error)
+        return _Unusable("permanent", f"SMTP server refused the session: {exc.smtp_code} {text}")
+    if isinstance(exc, smtplib.SMTPException | OSError):
+        return _Unusable("transient", f"SMTP connection failed: {exc or type(exc).__name__}")
+    raise exc  # a programming error, not a provider answer

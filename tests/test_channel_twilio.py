@@ -1,0 +1,151 @@
+"""The Twilio SMS channel against a loopback server speaking the Messages API."""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+
+import pytest
+
+from engine.channels import OutboundMessage, channel_for
+from tests.providers.fixtures import (  # noqa: F401
+    FAST_TIMEOUTS,
+    STALL,
+    channel_settings_fixture,
+    twilio_sink_fixture,
+)
+
+ADA = "+14155550101"
+
+
+def sms(delivery_id: int = 12, to: str = ADA, **content) -> OutboundMessage:
+    return OutboundMessage(delivery_id, f"d{delivery_id}", to, {"body": "Sale today", **content})
+
+
+@pytest.fixture
+def channel(twilio_sink, channel_settings):
+    channel = channel_for("sms", twilio_sink.settings(channel_settings), **FAST_TIMEOUTS)
+    yield channel
+    channel.close()
+
+
+def test_sends_the_message_form_with_basic_auth_and_idempotency_token(channel, twilio_sink):
+    result = channel.send(sms(body="Hi Ada, 20% off today"))
+
+    (request,) = twilio_sink.wait_for(1)
+    assert (result.outcome, result.error) == ("sent", None)
+    assert result.provider_message_id.startswith("SM") and len(result.provider_message_id) == 34
+    assert request.method == "POST"
+    assert request.path == f"/2010-04-01/Accounts/{twilio_sink.account_sid}/Messages.json"
+    assert request.basic_auth == (twilio_sink.account_sid, twilio_sink.auth_token)
+    assert request.header("I-Twilio-Idempotency-Token") == "d12"
+    assert request.form == {
+        "To": ADA,
+        "From": "+15005550006",
+        "Body": "Hi Ada, 20% off today",
+        "StatusCallback": "http://herald.test/webhooks/twilio/status",
+    }
+
+
+def test_a_resend_carries_the_same_idempotency_token(channel, twilio_sink):
+    assert channel.send(sms(delivery_id=5)).is_sent
+    assert channel.send(sms(delivery_id=5)).is_sent
+    tokens = [r.header("I-Twilio-Idempotency-Token") for r in twilio_sink.wait_for(2)]
+    assert tokens == ["d5", "d5"]
+
+
+def test_messaging_service_sid_replaces_from(twilio_sink, channel_settings):
+    settings = twilio_sink.settings(channel_settings, twilio_from="MG" + "a" * 32)
+    with channel_for("sms", settings, **FAST_TIMEOUTS) as channel:
+        assert channel.send(sms(delivery_id=1)).is_sent
+        assert channel.send(sms(delivery_id=2, sender="HERALD")).is_sent
+    pooled, branded = twilio_sink.wait_for(2)
+    assert pooled.form["MessagingServiceSid"] == "MG" + "a" * 32
+    assert "From" not in pooled.form
+    assert (branded.form["From"], branded.form["MessagingServiceSid"]) == (
+        "HERALD",
+        "MG" + "a" * 32,
+    )
+
+
+def test_consecutive_sends_reuse_one_connection(channel, twilio_sink):
+    results = channel.send_many([sms(delivery_id=i) for i in (1, 2, 3)])
+    assert [r.outcome for r in results] == ["sent"] * 3
+    assert len({r.provider_message_id for r in results}) == 3
+    assert len({r.peer_port for r in twilio_sink.wait_for(3)}) == 1
+
+
+def test_server_error_is_transient(channel, twilio_sink):
+    twilio_sink.fail(500)
+    failed = channel.send(sms(delivery_id=1))
+    assert (failed.outcome, failed.retry_after) == ("transient", None)
+    assert failed.error == "twilio 500 20500: Internal Server Error"
+    assert channel.send(sms(delivery_id=1)).is_sent
+
+
+def test_429_is_transient_with_retry_after(channel, twilio_sink):
+    twilio_sink.fail(429, retry_after=7)
+    result = channel.send(sms())
+    assert (result.outcome, result.retry_after) == ("transient", 7.0)
+    assert "20429" in result.error
+
+
+def test_retry_after_as_an_http_date(channel, twilio_sink):
+    twilio_sink.fail(503, retry_after=formatdate(time.time() + 30, usegmt=True))
+    result = channel.send(sms())
+    assert result.outcome == "transient"
+    assert 27 <= result.retry_after <= 30
+
+
+def test_timeout_is_transient(channel, twilio_sink):
+    twilio_sink.stall(STALL)
+    started = time.monotonic()
+    result = channel.send(sms())
+    assert time.monotonic() - started < STALL
+    assert result.outcome == "transient"
+    assert result.error.startswith("twilio timed out")
+
+
+def test_dropped_connection_is_transient(channel, twilio_sink):
+    twilio_sink.drop()
+    result = channel.send(sms(delivery_id=1))
+    assert result.outcome == "transient"
+    assert result.error.startswith("twilio")
+    assert channel.send(sms(delivery_id=2)).is_sent
+
+
+def test_unreachable_api_is_transient(twilio_sink, channel_settings):
+    settings = twilio_sink.settings(channel_settings)
+    twilio_sink.stop()
+    with channel_for("sms", settings, **FAST_TIMEOUTS) as channel:
+        result = channel.send(sms())
+    assert result.outcome == "transient"
+    assert result.error.startswith("twilio connection failed")
+
+
+@pytest.mark.parametrize("code", [21211, 21610, 21614])
+def test_refused_number_is_permanent_for_that_number_only(channel, twilio_sink, code):
+    twilio_sink.reject_number("+15555550000", code)
+
+    results = channel.send_many([sms(1, to="+15555550000"), sms(2), sms(3, to="+15555550000")])
+
+    assert [r.outcome for r in results] == ["permanent", "sent", "permanent"]
+    assert results[0].error.startswith(f"twilio 400 {code}: ")
+    assert [r.form["To"] for r in twilio_sink.accepted()] == [ADA]
+
+
+def test_wrong_credentials_are_permanent(twilio_sink, channel_settings):
+    settings = twilio_sink.settings(channel_settings, twilio_auth_token="not-the-token")
+    with channel_for("sms", settings, **FAST_TIMEOUTS) as channel:
+        result = channel.send(sms())
+    assert result.outcome == "permanent"
+    assert result.error == "twilio credentials rejected (twilio 401 20003: Authenticate)"
+    assert twilio_sink.accepted() == []
+
+
+def test_missing_account_configuration_raises(channel_settings):
+    from dataclasses import replace
+
+    settings = replace(channel_settings, sms_provider="twilio", twilio_account_sid="")
+    with pytest.raises(ValueError, match="TWILIO_ACCOUNT_SID"):
+        channel_for("sms", settings)
