@@ -10,6 +10,7 @@ from flask_smorest import Blueprint
 
 from api.body_limits import body_limit
 from api.extensions import db
+from api.input_guard import judges_text_itself
 from api.openapi import login_required
 from api.runtime import celery_app
 from api.schemas.common import PageArgs
@@ -93,6 +94,7 @@ def delete_contact(contact_id: uuid.UUID):
 @blp.post("/bulk")
 @login_required
 @body_limit(BULK_BODY_LIMIT)
+@judges_text_itself
 @blp.arguments(BulkArgs)
 @blp.response(200, BulkOut)
 def bulk_upsert(args: dict):
