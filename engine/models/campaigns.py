@@ -64,6 +64,8 @@ class Campaign(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     config: Mapped[dict[str, Any]] = json_object()
+    # Why the engine changed the status on its own (e.g. paused by the error threshold).
+    status_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = created_at()
     updated_at: Mapped[datetime] = updated_at()
 

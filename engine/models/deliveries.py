@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -36,6 +37,20 @@ class Delivery(Base):
         UniqueConstraint("campaign_channel_id", "contact_id"),
         Index(None, "campaign_channel_id", "status"),
         Index(None, "contact_id"),
+        # Reconciliation's two sweeps look only at these few rows, never the whole log:
+        # retries that came due, and sends whose worker lease ran out.
+        Index(
+            "ix_deliveries_due_retries",
+            "next_attempt_at",
+            postgresql_where=text("status = 'queued' AND next_attempt_at IS NOT NULL"),
+            sqlite_where=text("status = 'queued' AND next_attempt_at IS NOT NULL"),
+        ),
+        Index(
+            "ix_deliveries_expired_leases",
+            "lease_expires_at",
+            postgresql_where=text("status = 'sending'"),
+            sqlite_where=text("status = 'sending'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(DeliveryId, primary_key=True, autoincrement=True)
@@ -55,6 +70,12 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0", default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
+    # When a batch task covering this queued row was last enqueued; a queued row whose
+    # dispatch is older than the grace period has lost its task (Redis restarted).
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # While status is 'sending': the claiming worker's lease. Past it, the row is
+    # reclaimed, because that worker died or hung.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     opened_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
