@@ -25,11 +25,17 @@ STALL = 1.5  # seconds a stalled sink holds its answer: comfortably beyond FAST_
 
 @pytest.fixture(name="channel_settings")
 def channel_settings_fixture() -> Settings:
-    """Settings from the test environment, with a known public URL and sender."""
+    """Settings from the test environment, with a known public URL and sender, and
+    every channel on the null provider until a test says otherwise (other fixtures
+    change the process environment, so nothing is inherited from it)."""
     return replace(
         Settings.from_env(),
         public_base_url="http://herald.test",
         email_from="Herald <campaigns@herald.test>",
+        email_provider="null",
+        sms_provider="null",
+        push_provider="null",
+        whatsapp_provider="null",
     )
 
 
