@@ -24,6 +24,8 @@ from typing import Any
 
 import phonenumbers
 
+from engine.models.enums import CHANNEL_TYPES
+
 # Column sizes (engine/models/contacts.py) and the limits that keep a contact small.
 MAX_EXTERNAL_ID = 255
 MAX_EMAIL = 254  # RFC 5321's path limit; the column allows more
@@ -35,7 +37,7 @@ MAX_ATTRIBUTES = 100
 MAX_ATTRIBUTE_KEY = 100
 MAX_ATTRIBUTES_BYTES = 16 * 1024
 
-CONSENT_CHANNELS = ("email", "sms", "push", "whatsapp")
+CONSENT_CHANNELS = CHANNEL_TYPES  # one consent flag per channel
 CONTACT_FIELDS = (
     "external_id",
     "email",
