@@ -13,7 +13,17 @@ from engine.settings import Settings, get_settings
 
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> Flask:
     from api import cli, jwt_setup
-    from api.blueprints import audiences, auth, campaigns, contacts, conversations, health, sources
+    from api.blueprints import (
+        audiences,
+        auth,
+        campaigns,
+        contacts,
+        conversations,
+        deliveries,
+        health,
+        sources,
+        unsubscribe,
+    )
     from api.body_limits import init_body_limits
     from api.errors import register_error_handlers
     from api.extensions import db, openapi
@@ -47,7 +57,16 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     init_body_limits(app)
     init_input_guard(app)
     openapi.init_app(app)
-    for resource in (auth, contacts, campaigns, audiences, sources, conversations):
+    for resource in (
+        auth,
+        contacts,
+        campaigns,
+        deliveries,
+        audiences,
+        sources,
+        conversations,
+        unsubscribe,
+    ):
         openapi.register_blueprint(resource.blp)
     app.register_blueprint(health.blp)
     register_error_handlers(app)

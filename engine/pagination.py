@@ -56,3 +56,37 @@ def paginate(session: Session, stmt: Select, model, *, limit: int, cursor: str |
         rows = rows[:limit]
         next_cursor = encode_cursor(rows[-1].created_at, rows[-1].id)
     return Page(items=rows, next_cursor=next_cursor)
+
+
+# -- append-only logs: keyset on the id alone ------------------------------------------
+# Deliveries have a monotonically increasing BIGINT id and no updated_at, so the id
+# alone is the sort key: newest first is id descending, and the cursor is the last id.
+
+
+def encode_id_cursor(row_id: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps([row_id]).encode()).decode().rstrip("=")
+
+
+def decode_id_cursor(cursor: str) -> int:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        (row_id,) = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except (ValueError, TypeError) as exc:
+        raise ValidationFailed("invalid cursor", fields={"cursor": ["invalid cursor"]}) from exc
+    if not isinstance(row_id, int) or isinstance(row_id, bool) or not 1 <= row_id < 2**63:
+        raise ValidationFailed("invalid cursor", fields={"cursor": ["invalid cursor"]})
+    return row_id
+
+
+def paginate_by_id(
+    session: Session, stmt: Select, id_column, *, limit: int, cursor: str | None
+) -> Page:
+    """Page a select (ORM rows or plain column rows exposing `.id`), id descending."""
+    if cursor:
+        stmt = stmt.where(id_column < decode_id_cursor(cursor))
+    rows = list(session.execute(stmt.order_by(id_column.desc()).limit(limit + 1)))
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_id_cursor(rows[-1].id)
+    return Page(items=rows, next_cursor=next_cursor)

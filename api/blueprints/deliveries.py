@@ -1,0 +1,69 @@
+"""/api/v1/campaigns/{id}: the per-message log, stats and retry-failed."""
+
+from __future__ import annotations
+
+import uuid
+
+from flask_jwt_extended import current_user
+from flask_smorest import Blueprint
+
+from api.extensions import db
+from api.openapi import login_required
+from api.schemas.common import ErrorEnvelope
+from api.schemas.deliveries import CampaignStatsOut, DeliveryListArgs, DeliveryPage, RetryFailedOut
+from engine.models import Delivery
+from engine.pagination import paginate_by_id
+from engine.services import deliveries
+
+blp = Blueprint(
+    "deliveries",
+    __name__,
+    url_prefix="/api/v1/campaigns",
+    description="Per-message log, stats and retries of a campaign",
+)
+
+CAMPAIGN = "/<uuid:campaign_id>"
+
+_not_found = blp.alt_response(404, schema=ErrorEnvelope, description="not yours, or missing")
+
+
+@blp.get(f"{CAMPAIGN}/deliveries")
+@login_required
+@blp.arguments(DeliveryListArgs, location="query")
+@blp.response(200, DeliveryPage)
+@_not_found
+def list_deliveries(args: dict, campaign_id: uuid.UUID):
+    """The campaign's deliveries, newest first (by id), with their errors.
+
+    Filter with `status` and `channel`; page with `limit` and `cursor`.
+    """
+    stmt = deliveries.deliveries_select(
+        db.session, current_user.id, campaign_id, status=args["status"], channel=args["channel"]
+    )
+    page = paginate_by_id(db.session, stmt, Delivery.id, limit=args["limit"], cursor=args["cursor"])
+    return {"items": page.items, "next_cursor": page.next_cursor}
+
+
+@blp.get(f"{CAMPAIGN}/stats")
+@login_required
+@blp.response(200, CampaignStatsOut)
+@_not_found
+def campaign_stats(campaign_id: uuid.UUID):
+    """Per channel: deliveries by status, the counters, and the same events counted over
+    the deliveries (they agree whenever nothing is being recorded)."""
+    return deliveries.campaign_stats(db.session, current_user.id, campaign_id)
+
+
+@blp.post(f"{CAMPAIGN}/retry-failed")
+@login_required
+@blp.response(200, RetryFailedOut)
+@_not_found
+@blp.alt_response(
+    409,
+    schema=ErrorEnvelope,
+    description="invalid_transition: only a completed or paused campaign (current_status)",
+)
+def retry_failed(campaign_id: uuid.UUID):
+    """Re-queue every failed delivery for one more round of attempts; the campaign goes
+    back to running. Nothing failed: nothing changes (requeued 0, status unchanged)."""
+    return deliveries.retry_failed(db.session, current_user.id, campaign_id)

@@ -1,0 +1,110 @@
+"""Schemas of the per-message log, campaign stats, retry-failed and unsubscribe."""
+
+from __future__ import annotations
+
+from marshmallow import EXCLUDE, Schema, fields, validate
+
+from api.schemas.common import PageArgs, page_schema
+from engine.models.enums import (
+    CAMPAIGN_STATUSES,
+    CHANNEL_STATUSES,
+    CHANNEL_TYPES,
+    DELIVERY_STATUSES,
+)
+from engine.services.deliveries import EVENTS
+
+
+class DeliveryListArgs(PageArgs):
+    status = fields.String(load_default=None, validate=validate.OneOf(DELIVERY_STATUSES))
+    channel = fields.String(load_default=None, validate=validate.OneOf(CHANNEL_TYPES))
+
+
+class DeliveryOut(Schema):
+    id = fields.Integer(required=True)
+    channel = fields.String(required=True, metadata={"enum": list(CHANNEL_TYPES)})
+    contact_id = fields.UUID(allow_none=True, metadata={"description": "null once erased"})
+    address = fields.String(
+        allow_none=True, metadata={"description": "the address used; null once erased"}
+    )
+    status = fields.String(required=True, metadata={"enum": list(DELIVERY_STATUSES)})
+    attempts = fields.Integer(required=True)
+    last_error = fields.String(allow_none=True)
+    provider_message_id = fields.String(allow_none=True)
+    next_attempt_at = fields.DateTime(
+        allow_none=True, metadata={"description": "when a queued retry comes due"}
+    )
+    sent_at = fields.DateTime(allow_none=True)
+    delivered_at = fields.DateTime(allow_none=True)
+    opened_at = fields.DateTime(allow_none=True)
+    clicked_at = fields.DateTime(allow_none=True)
+    failed_at = fields.DateTime(allow_none=True)
+    created_at = fields.DateTime(required=True)
+
+
+DeliveryPage = page_schema(DeliveryOut, "DeliveryPage")
+
+
+def _event_counts(name: str) -> type[Schema]:
+    return Schema.from_dict({event: fields.Integer(required=True) for event in EVENTS}, name=name)
+
+
+_COUNTERS_DOC = "campaign_channels' counters, kept by the engine"
+_COUNTED_DOC = (
+    "the same events counted over the deliveries (rows whose <event>_at is set); "
+    "equal to `counters` whenever nothing is being recorded"
+)
+_ByStatus = Schema.from_dict(
+    {status: fields.Integer(required=True) for status in DELIVERY_STATUSES},
+    name="DeliveriesByStatus",
+)
+
+
+class ChannelStatsOut(Schema):
+    channel_id = fields.UUID(required=True)
+    channel = fields.String(required=True, metadata={"enum": list(CHANNEL_TYPES)})
+    status = fields.String(required=True, metadata={"enum": list(CHANNEL_STATUSES)})
+    total = fields.Integer(required=True, metadata={"description": "deliveries planned"})
+    by_status = fields.Nested(
+        _ByStatus, required=True, metadata={"description": "deliveries per status, zeros too"}
+    )
+    counters = fields.Nested(
+        _event_counts("ChannelCounters"), required=True, metadata={"description": _COUNTERS_DOC}
+    )
+    from_deliveries = fields.Nested(
+        _event_counts("ChannelEventsCounted"), required=True, metadata={"description": _COUNTED_DOC}
+    )
+
+
+class CampaignStatsOut(Schema):
+    campaign_id = fields.UUID(required=True)
+    status = fields.String(required=True, metadata={"enum": list(CAMPAIGN_STATUSES)})
+    status_reason = fields.String(
+        allow_none=True, metadata={"description": "why the engine changed the status itself"}
+    )
+    started_at = fields.DateTime(allow_none=True)
+    ended_at = fields.DateTime(allow_none=True)
+    channels = fields.List(fields.Nested(ChannelStatsOut), required=True)
+
+
+class RetryFailedOut(Schema):
+    requeued = fields.Integer(required=True, metadata={"description": "failed rows re-queued"})
+    status = fields.String(
+        required=True,
+        metadata={
+            "enum": list(CAMPAIGN_STATUSES),
+            "description": "running, or unchanged when nothing had failed",
+        },
+    )
+
+
+class OneClickArgs(Schema):
+    """RFC 8058's body; an empty body is accepted too, and other form fields ignored."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    list_unsubscribe = fields.String(
+        data_key="List-Unsubscribe",
+        load_default=None,
+        validate=validate.OneOf(["One-Click"]),
+    )

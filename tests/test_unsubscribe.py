@@ -1,0 +1,183 @@
+"""The public unsubscribe link /u/<token>: a confirmation page on GET, RFC 8058
+one-click on POST, one suppression however often or concurrently it is clicked."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import select, update
+
+from engine.models import CampaignChannel, Delivery, Suppression
+from engine.unsubscribe import unsubscribe_token
+from tests.campaigns_fixtures import insert_campaign, insert_contact
+
+ONE_CLICK = {"List-Unsubscribe": "One-Click"}
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+@pytest.fixture
+def sent(db_session, alice) -> dict:
+    """Alice's campaign sent to one contact on email and on sms: {"email": id, "sms": id}."""
+    campaign = insert_campaign(db_session, alice["id"], status="running", channels=("email", "sms"))
+    contact = insert_contact(db_session, alice["id"], email="ann@example.com", phone="+15550001234")
+    ids = {}
+    for channel in db_session.scalars(
+        select(CampaignChannel).where(CampaignChannel.campaign_id == campaign.id)
+    ):
+        address = "Ann@Example.com" if channel.channel_type == "email" else contact.phone
+        delivery = Delivery(
+            campaign_channel_id=channel.id, contact_id=contact.id, address=address, status="sent"
+        )
+        db_session.add(delivery)
+        db_session.flush()
+        ids[channel.channel_type] = delivery.id
+    db_session.commit()
+    return ids
+
+
+def link(settings, delivery_id: int) -> str:
+    return f"/u/{unsubscribe_token(settings, delivery_id)}"
+
+
+def suppressions(db_session) -> list[tuple]:
+    db_session.expire_all()
+    return [
+        (row.user_id, row.channel, row.address, row.reason)
+        for row in db_session.scalars(select(Suppression).order_by(Suppression.channel))
+    ]
+
+
+def test_get_shows_a_form_that_posts_back_and_changes_nothing(client, settings, db_session, sent):
+    response = client.get(link(settings, sent["email"]))
+
+    assert response.status_code == 200
+    assert response.mimetype == "text/html"
+    page = response.get_data(as_text=True)
+    assert '<form method="post">' in page
+    assert 'name="List-Unsubscribe" value="One-Click"' in page
+    assert "Stop receiving email messages" in page
+    assert "ann@example.com" not in page.lower()  # the page never reveals the address
+    assert suppressions(db_session) == []
+
+
+def test_one_click_post_suppresses_the_address_on_its_channel(
+    client, settings, db_session, alice, sent
+):
+    response = client.post(link(settings, sent["email"]), data=ONE_CLICK)
+
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert "You are unsubscribed" in response.get_data(as_text=True)
+    # Stored lower-cased: email suppressions match whatever the case.
+    assert suppressions(db_session) == [(alice["id"], "email", "ann@example.com", "unsubscribe")]
+    again = client.get(link(settings, sent["email"]))
+    assert again.status_code == 200 and "You are unsubscribed" in again.get_data(as_text=True)
+
+
+def test_an_empty_post_also_unsubscribes(client, settings, db_session, alice, sent):
+    response = client.post(link(settings, sent["sms"]))
+    assert response.status_code == 200
+    assert suppressions(db_session) == [(alice["id"], "sms", "+15550001234", "unsubscribe")]
+
+
+def test_a_token_unsubscribes_only_its_deliverys_address_and_channel(
+    client, settings, db_session, alice, sent
+):
+    other = insert_contact(db_session, alice["id"], email="bea@example.com", phone="+15550009999")
+    channel_id = db_session.scalar(
+        select(Delivery.campaign_channel_id).where(Delivery.id == sent["email"])
+    )
+    bea = Delivery(campaign_channel_id=channel_id, contact_id=other.id, address=other.email)
+    db_session.add(bea)
+    db_session.commit()
+
+    assert client.post(link(settings, sent["sms"]), data=ONE_CLICK).status_code == 200
+
+    assert suppressions(db_session) == [(alice["id"], "sms", "+15550001234", "unsubscribe")]
+
+
+def test_twenty_concurrent_clicks_leave_one_suppression(app, settings, db_session, alice, sent):
+    url = link(settings, sent["email"])
+    start = threading.Barrier(20)
+    statuses: list[int] = []
+
+    def click() -> None:
+        client = app.test_client()
+        start.wait()
+        statuses.append(client.post(url, data=ONE_CLICK).status_code)
+
+    threads = [threading.Thread(target=click) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert statuses == [200] * 20
+    assert suppressions(db_session) == [(alice["id"], "email", "ann@example.com", "unsubscribe")]
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "not-a-token",
+        "MTI.tampered",
+        "%00",
+        "x" * 2000,
+    ],
+)
+def test_a_bad_token_is_not_found(client, db_session, sent, token):
+    post = client.post(f"/u/{token}", data=ONE_CLICK)
+    assert post.status_code == 404
+    assert post.get_json()["error"]["code"] == "not_found"
+    browser = client.get(f"/u/{token}", headers={"Accept": BROWSER_ACCEPT})
+    assert browser.status_code == 404 and browser.mimetype == "text/html"
+    assert "Link not found" in browser.get_data(as_text=True)
+    api_client = client.get(f"/u/{token}")
+    assert api_client.status_code == 404
+    assert api_client.get_json()["error"]["code"] == "not_found"
+    assert suppressions(db_session) == []
+
+
+def test_a_tampered_signature_is_not_found(client, settings, db_session, sent):
+    token = unsubscribe_token(settings, sent["email"])
+    payload, signature = token.rsplit(".", 1)
+    forged = f"{unsubscribe_token(settings, sent['sms']).rsplit('.', 1)[0]}.{signature}"
+    flipped = f"{payload}.{signature[:-1]}{'A' if signature[-1] != 'A' else 'B'}"
+    for bad in (forged, flipped):
+        assert client.post(f"/u/{bad}", data=ONE_CLICK).status_code == 404
+    assert suppressions(db_session) == []
+
+
+def test_a_token_for_a_deleted_delivery_is_not_found(client, settings, db_session, sent):
+    assert client.post(link(settings, 987654321)).status_code == 404
+    assert client.get(link(settings, 987654321)).status_code == 404
+
+
+def test_an_erased_address_has_nothing_to_unsubscribe(client, settings, db_session, sent):
+    db_session.execute(
+        update(Delivery).where(Delivery.id == sent["email"]).values(address=None, contact_id=None)
+    )
+    db_session.commit()
+
+    get = client.get(link(settings, sent["email"]))
+    post = client.post(link(settings, sent["email"]), data=ONE_CLICK)
+
+    for response in (get, post):
+        assert response.status_code == 200
+        assert "Nothing to unsubscribe" in response.get_data(as_text=True)
+    assert suppressions(db_session) == []
+
+
+def test_a_wrong_one_click_value_names_the_field(client, settings, db_session, sent):
+    response = client.post(link(settings, sent["email"]), data={"List-Unsubscribe": "Maybe"})
+    assert response.status_code == 422
+    assert "List-Unsubscribe" in response.get_json()["error"]["fields"]
+    assert suppressions(db_session) == []
+
+
+def test_the_link_is_public_and_documented(client):
+    spec = client.get("/api/v1/openapi.json").get_json()
+    operations = spec["paths"]["/u/{token}"]
+    assert set(operations) >= {"get", "post"}
+    assert "security" not in operations["post"]
+    assert "text/html" in operations["get"]["responses"]["200"]["content"]
