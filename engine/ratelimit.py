@@ -1,0 +1,125 @@
+"""Global send rates: token buckets shared by every worker, kept in Redis.
+
+Celery's `rate_limit` is per worker process, so N workers would send N times the limit.
+Here every worker takes its tokens from the same Redis keys, in one Lua script, so the
+check and the take are atomic across workers: several buckets (the provider's and the
+campaign's) are debited together or not at all, and a denied take changes nothing.
+
+Refill is computed from the `now` the caller passes (the injectable clock), not from
+Redis TIME, so tests drive time explicitly and never sleep. Workers' clocks may differ
+by a little; a `now` older than a bucket's last update simply refills nothing.
+
+A bucket holds at most one second's worth of tokens (max(1, rate)): after an idle
+spell a burst is at most one second of traffic, so any window of T seconds grants at
+most rate * T + capacity. Idle keys expire on their own (a full bucket and a missing
+one are the same thing).
+
+Without Redis (the embedded default, one worker) the same arithmetic runs in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from engine.clock import Clock, system_clock
+
+KEY_PREFIX = "herald:rate:"
+# A bucket refills completely within one second, so after this long idle its key can go.
+IDLE_EXPIRE_MS = 10_000
+# Float arithmetic on refills leaves 0.9999999… where 1 was meant; close enough is a token.
+EPSILON = 1e-6
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+# KEYS: the buckets. ARGV[1]: now in integer microseconds (exact in a double, unlike
+# seconds since 1970 as a float, which leaves ~1e-7 s of noise in every refill);
+# ARGV[2..n+1]: each bucket's rate per second; ARGV[n+2]: the idle expiry in ms.
+# Each bucket is a hash {tokens, ts}. Returns "0" when granted, else the seconds to wait
+# (as a string: Redis would truncate a Lua number to an integer).
+_TAKE_SCRIPT = """
+local now = tonumber(ARGV[1])
+local tokens = {}
+local stamps = {}
+local wait = 0
+for i, key in ipairs(KEYS) do
+  local rate = tonumber(ARGV[i + 1])
+  local capacity = math.max(1, rate)
+  local state = redis.call('HMGET', key, 'tokens', 'ts')
+  local level = tonumber(state[1])
+  local ts = tonumber(state[2])
+  if level == nil or ts == nil then
+    level = capacity
+    ts = now
+  end
+  if now > ts then
+    level = math.min(capacity, level + (now - ts) / 1e6 * rate)
+    ts = now
+  end
+  tokens[i] = level
+  stamps[i] = ts
+  if level < 1 - 1e-6 then
+    wait = math.max(wait, (1 - level) / rate)
+  end
+end
+if wait > 0 then
+  return string.format('%.17g', wait)
+end
+for i, key in ipairs(KEYS) do
+  redis.call('HSET', key, 'tokens', string.format('%.17g', tokens[i] - 1),
+             'ts', string.format('%.17g', stamps[i]))
+  redis.call('PEXPIRE', key, tonumber(ARGV[#ARGV]))
+end
+return '0'
+"""
+
+
+class RateLimiter:
+    """take([(key, rate_per_second), …]) -> 0.0 when one token was taken from every
+    bucket, else the seconds to wait before asking again (nothing was taken).
+    A rate <= 0 means unlimited: that bucket is skipped."""
+
+    def __init__(self, redis_client=None, clock: Clock = system_clock) -> None:
+        self.redis = redis_client
+        self.clock = clock
+        self._script = redis_client.register_script(_TAKE_SCRIPT) if redis_client else None
+        self._memory: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, buckets: Sequence[tuple[str, float]]) -> float:
+        active = [(key, float(rate)) for key, rate in buckets if rate and rate > 0]
+        if not active:
+            return 0.0  # nothing limited: no Redis round trip at all
+        now = (self.clock.now() - _EPOCH) // _MICROSECOND
+        if self._script is None:
+            return self._take_in_memory(active, now)
+        keys = [KEY_PREFIX + key for key, _ in active]
+        args = [now, *(repr(rate) for _, rate in active), IDLE_EXPIRE_MS]
+        return float(self._script(keys=keys, args=args))
+
+    def _take_in_memory(self, active: list[tuple[str, float]], now: int) -> float:
+        """The Lua script's arithmetic, for a single process without Redis."""
+        with self._lock:
+            levels: list[tuple[str, float, int]] = []
+            wait = 0.0
+            for key, rate in active:
+                capacity = max(1.0, rate)
+                level, ts = self._memory.get(key, (capacity, now))
+                if now > ts:
+                    level, ts = min(capacity, level + (now - ts) / 1e6 * rate), now
+                levels.append((key, level, ts))
+                if level < 1 - EPSILON:
+                    wait = max(wait, (1 - level) / rate)
+            if wait > 0:
+                return wait
+            for key, level, ts in levels:
+                self._memory[key] = (level - 1, ts)
+            return 0.0
+
+
+def wait_seconds(wait: float) -> float:
+    """A wait rounded up to the microsecond, so a caller that sleeps exactly this long
+    (or advances a test clock by it) is never a hair short of the next token."""
+    return math.ceil(wait * 1e6) / 1e6

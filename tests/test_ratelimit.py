@@ -1,0 +1,141 @@
+"""The global token bucket, on the real Redis and in memory, driven by a FixedClock."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+
+from engine.clock import FixedClock
+from engine.ratelimit import RateLimiter, wait_seconds
+from tests.conftest import TEST_REDIS_URL
+
+START = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def redis_client():
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(params=["redis", "memory"])
+def make_limiter(request, redis_client):
+    """Build limiters sharing one store: Redis (like several workers) or one process."""
+    shared = RateLimiter(None)
+
+    def make(clock: FixedClock) -> RateLimiter:
+        if request.param == "redis":
+            return RateLimiter(redis_client, clock)
+        shared.clock = clock
+        return shared
+
+    return make
+
+
+def advance(clock: FixedClock, seconds: float) -> None:
+    clock.set(clock.now() + timedelta(seconds=seconds))
+
+
+def test_capacity_is_one_second_then_the_wait_is_one_token(make_limiter):
+    clock = FixedClock(START)
+    limiter = make_limiter(clock)
+    bucket = [("provider:sms", 10.0)]
+    assert [limiter.take(bucket) for _ in range(10)] == [0.0] * 10
+    assert limiter.take(bucket) == pytest.approx(0.1)
+    advance(clock, 0.05)
+    assert limiter.take(bucket) == pytest.approx(0.05)  # half refilled, nothing taken
+    advance(clock, 0.05)
+    assert limiter.take(bucket) == 0.0
+    assert limiter.take(bucket) == pytest.approx(0.1)
+
+
+def test_refill_never_exceeds_capacity(make_limiter):
+    clock = FixedClock(START)
+    limiter = make_limiter(clock)
+    bucket = [("provider:email", 5.0)]
+    for _ in range(5):
+        assert limiter.take(bucket) == 0.0
+    advance(clock, 60)  # a long idle spell refills one second's worth, not sixty
+    granted = sum(1 for _ in range(20) if limiter.take(bucket) == 0.0)
+    assert granted == 5
+
+
+def test_slow_rate_still_holds_one_token(make_limiter):
+    clock = FixedClock(START)
+    limiter = make_limiter(clock)
+    bucket = [("campaign:slow", 0.5)]
+    assert limiter.take(bucket) == 0.0
+    assert limiter.take(bucket) == pytest.approx(2.0)
+
+
+def test_buckets_are_taken_together_or_not_at_all(make_limiter):
+    clock = FixedClock(START)
+    limiter = make_limiter(clock)
+    provider, campaign = ("provider:email", 100.0), ("campaign:c1", 2.0)
+    assert limiter.take([provider, campaign]) == 0.0
+    assert limiter.take([provider, campaign]) == 0.0
+    # The campaign bucket is empty: the provider bucket must not be debited either.
+    assert limiter.take([provider, campaign]) == pytest.approx(0.5)
+    granted_alone = sum(1 for _ in range(200) if limiter.take([provider]) == 0.0)
+    assert granted_alone == 98  # 100 capacity, 2 taken by the two granted pairs
+
+
+def test_unlimited_buckets_are_skipped(make_limiter):
+    limiter = make_limiter(FixedClock(START))
+    assert all(limiter.take([("provider:push", 0.0)]) == 0.0 for _ in range(1000))
+    assert limiter.take([]) == 0.0
+
+
+@pytest.mark.parametrize("rate", [7.0, 50.0, 1000.0])
+def test_ten_second_window_stays_within_five_percent(make_limiter, rate):
+    """Two workers (two limiters on one store) ask as fast as they may for 10 s of
+    simulated time; together they get rate * 10 plus at most the initial capacity."""
+    clock = FixedClock(START)
+    workers = [make_limiter(clock), make_limiter(clock)]
+    end = START + timedelta(seconds=10)
+    granted = 0
+    turn = 0
+    while clock.now() < end:
+        wait = workers[turn % 2].take([("provider:sms", rate)])
+        turn += 1
+        if wait == 0.0:
+            granted += 1
+        else:
+            advance(clock, wait_seconds(wait))
+    expected = rate * 10 + max(1.0, rate)  # steady rate plus the first second's burst
+    assert abs(granted - expected) <= 0.05 * rate * 10
+    assert granted <= expected + 1
+
+
+def test_threads_sharing_a_redis_bucket_never_exceed_its_budget(redis_client):
+    clock = FixedClock(START)
+    granted = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def worker() -> None:
+        limiter = RateLimiter(redis.Redis.from_url(TEST_REDIS_URL), clock)
+        barrier.wait()
+        mine = sum(1 for _ in range(50) if limiter.take([("provider:email", 25.0)]) == 0.0)
+        with lock:
+            granted.append(mine)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(granted) == 25  # 400 asks, one second's worth of tokens, time frozen
+
+
+def test_idle_keys_expire(redis_client):
+    limiter = RateLimiter(redis_client, FixedClock(START))
+    assert limiter.take([("campaign:idle", 3.0)]) == 0.0
+    ttl = redis_client.pttl("herald:rate:campaign:idle")
+    assert 0 < ttl <= 10_000
