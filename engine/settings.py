@@ -69,6 +69,8 @@ class Settings:
     encryption_key: str = DEV_ENCRYPTION_KEY
     flower_basic_auth: str = ""
     public_base_url: str = "http://127.0.0.1:5000"
+    # Seconds between beat's promotions of due campaigns.
+    beat_tick: float = 1.0
 
     # Login throttling: failures allowed per window before 429.
     login_max_failures_per_account: int = 5
@@ -123,6 +125,7 @@ class Settings:
             encryption_key=_env_str("ENCRYPTION_KEY", DEV_ENCRYPTION_KEY),
             flower_basic_auth=_env_str("FLOWER_BASIC_AUTH"),
             public_base_url=_env_str("PUBLIC_BASE_URL", "http://127.0.0.1:5000").rstrip("/"),
+            beat_tick=_env_float("HERALD_BEAT_TICK", 1.0),
             login_max_failures_per_account=_env_int("LOGIN_MAX_FAILURES_PER_ACCOUNT", 5),
             login_max_failures_per_ip=_env_int("LOGIN_MAX_FAILURES_PER_IP", 20),
             login_failure_window=_env_int("LOGIN_FAILURE_WINDOW", 900),
@@ -198,6 +201,8 @@ class Settings:
         for name, (value, allowed) in providers.items():
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(sorted(allowed))}")
+        if self.beat_tick <= 0:
+            raise ConfigError("HERALD_BEAT_TICK must be a positive number of seconds")
         if self.jwt_access_token_expires <= 0 or self.jwt_refresh_token_expires <= 0:
             raise ConfigError("JWT token lifetimes must be positive numbers of seconds")
         from engine.crypto import parse_keys  # here: crypto itself imports this module

@@ -70,17 +70,31 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         timezone="UTC",
         enable_utc=True,
-        beat_schedule=beat_schedule(),
+        beat_schedule=beat_schedule(settings),
     )
     app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
     return app
 
 
-def beat_schedule() -> dict:
+# Reconciliation re-finds work the broker lost; every few seconds bounds how long a
+# Redis restart or a dead worker can delay a campaign, at the cost of a few indexed
+# queries per run.
+RECONCILE_INTERVAL = 5.0
+
+
+def beat_schedule(settings: Settings) -> dict:
     # The schedule lives in code; beat's state file (celerybeat-schedule) is runtime
     # state and gitignored. Every scheduled task is idempotent, so a second beat run
     # by mistake repeats work but never duplicates an effect.
     return {
+        "promote-due-campaigns": {
+            "task": "herald.promote_due",
+            "schedule": settings.beat_tick,
+        },
+        "reconcile-dispatch": {
+            "task": "herald.reconcile",
+            "schedule": RECONCILE_INTERVAL,
+        },
         "purge-expired-tokens": {
             "task": "herald.purge_expired_tokens",
             "schedule": 3600.0,

@@ -1,0 +1,173 @@
+"""Reconciliation: PostgreSQL alone decides what is left to do.
+
+Redis keeps nothing on disk, so a restart loses every queued task; a SIGKILLed worker
+leaves its rows in `sending`. Beat runs `reconcile` every few seconds and finds that work
+again from the rows themselves:
+
+    (a) running campaigns with channels not planned yet     → plan them
+    (b) `sending` rows whose lease expired                  → queued, dispatch again
+    (c) cancelled campaigns                                 → queued rows cancelled,
+                                                              channels done
+    (d) queued rows whose retry is due                      → batch them
+    (e) queued rows never dispatched, or dispatched longer
+        ago than the grace period (their task vanished)     → batch them
+    (f) completion                                          → done / completed
+
+Each sweep takes at most `limit` rows, so one run stays short; the next run continues.
+Re-batching a row whose old task is merely slow is harmless: sending claims rows by
+compare-and-set, so only one batch can send each row.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy.orm import Session
+
+from engine.dispatch.completion import channel_has_work, complete_finished
+from engine.dispatch.planning import BATCH_SIZE, PLANNABLE, Batch, dispatch_queued
+from engine.models import Campaign, CampaignChannel, Delivery
+
+# How long a queued row may wait for the batch task that was enqueued for it before
+# it is presumed lost. Well above the time a healthy queue takes to start a task,
+# well below what a user would call "stuck".
+DISPATCH_GRACE = timedelta(seconds=60)
+# Rows (or campaigns) one sweep looks at.
+SWEEP_LIMIT = 20_000
+
+
+@dataclass
+class Reconciled:
+    """What one run decided; the task enqueues it after commit."""
+
+    campaigns_to_plan: list[uuid.UUID] = field(default_factory=list)
+    batches: list[Batch] = field(default_factory=list)
+    leases_reclaimed: int = 0
+    cancelled: int = 0
+    completed: list[uuid.UUID] = field(default_factory=list)
+
+
+def reconcile(
+    session: Session,
+    now: datetime,
+    *,
+    grace: timedelta = DISPATCH_GRACE,
+    limit: int = SWEEP_LIMIT,
+    batch_size: int = BATCH_SIZE,
+) -> Reconciled:
+    result = Reconciled()
+    result.campaigns_to_plan = unplanned_campaigns(session, limit=limit)
+    result.leases_reclaimed = reclaim_expired_leases(session, now, limit=limit)
+    result.cancelled = cancel_remaining(session, limit=limit)
+    result.batches = dispatch_queued(
+        session, due_retries(now), now, batch_size=batch_size, limit=limit
+    )
+    result.batches += dispatch_queued(
+        session, lost_dispatches(now, grace), now, batch_size=batch_size, limit=limit
+    )
+    result.completed = complete_finished(session, now)
+    return result
+
+
+def unplanned_campaigns(session: Session, *, limit: int = SWEEP_LIMIT) -> list[uuid.UUID]:
+    """(a) Running campaigns with a channel still pending: launched from the API, or
+    promoted while the plan task was lost."""
+    stmt = (
+        select(Campaign.id)
+        .where(
+            Campaign.status == "running",
+            Campaign.id.in_(
+                select(CampaignChannel.campaign_id).where(CampaignChannel.status.in_(PLANNABLE))
+            ),
+        )
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def reclaim_expired_leases(session: Session, now: datetime, *, limit: int = SWEEP_LIMIT) -> int:
+    """(b) `sending` rows whose worker died or hung → queued and undispatched again.
+
+    Compare-and-set on status and lease: a worker that records its result first wins,
+    and this statement then leaves the row alone. The partial index of sending rows
+    keeps the scan to those few. Clearing dispatched_at lets (e) batch them in this
+    same run if their campaign is running, or on resume if it is paused.
+    """
+    expired = (Delivery.status == "sending", Delivery.lease_expires_at < now)
+    picked = select(Delivery.id).where(*expired).order_by(Delivery.id).limit(limit)
+    return session.execute(
+        update(Delivery)
+        .where(*expired, Delivery.id.in_(picked.scalar_subquery()))
+        .values(status="queued", lease_expires_at=None, dispatched_at=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+
+
+def cancel_remaining(session: Session, *, limit: int = SWEEP_LIMIT) -> int:
+    """(c) A cancelled campaign sends nothing more: its queued rows become cancelled, and
+    its channels done once no row is queued or sending (a batch mid-send finishes or
+    has its lease reclaimed, then lands here)."""
+    open_channels = (
+        select(CampaignChannel.id)
+        .join(Campaign, Campaign.id == CampaignChannel.campaign_id)
+        .where(Campaign.status == "cancelled", CampaignChannel.status != "done")
+    )
+    queued = (
+        Delivery.status == "queued",
+        Delivery.campaign_channel_id.in_(open_channels.scalar_subquery()),
+    )
+    picked = select(Delivery.id).where(*queued).limit(limit)
+    cancelled = session.execute(
+        update(Delivery)
+        .where(*queued, Delivery.id.in_(picked.scalar_subquery()))
+        .values(status="cancelled")
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.execute(
+        update(CampaignChannel)
+        .where(
+            CampaignChannel.id.in_(open_channels.scalar_subquery()),
+            ~channel_has_work(),
+        )
+        .values(status="done")
+        .execution_options(synchronize_session=False)
+    )
+    return cancelled
+
+
+def _on_running_channel() -> ColumnElement[bool]:
+    # Only planned (or done, then reopened) channels of running campaigns are sent; a
+    # paused campaign's rows wait, undispatched or stale, until it resumes.
+    sendable = (
+        select(CampaignChannel.id)
+        .join(Campaign, Campaign.id == CampaignChannel.campaign_id)
+        .where(Campaign.status == "running", CampaignChannel.status.in_(("planned", "done")))
+    )
+    return Delivery.campaign_channel_id.in_(sendable.scalar_subquery())
+
+
+def due_retries(now: datetime) -> list[ColumnElement[bool]]:
+    """(d) Rows a transient failure put back with a next_attempt_at that has come, not
+    yet dispatched since it was set (served by the due-retries partial index)."""
+    return [
+        Delivery.status == "queued",
+        Delivery.next_attempt_at.is_not(None),
+        Delivery.next_attempt_at <= now,
+        or_(Delivery.dispatched_at.is_(None), Delivery.dispatched_at < Delivery.next_attempt_at),
+        _on_running_channel(),
+    ]
+
+
+def lost_dispatches(now: datetime, grace: timedelta) -> list[ColumnElement[bool]]:
+    """(e) Queued rows no live batch owns: never dispatched (reclaimed, handed back,
+    re-queued by retry-failed), or dispatched longer ago than `grace` (the task was
+    lost with Redis). Rows waiting for a retry in the future are left alone."""
+    return [
+        Delivery.status == "queued",
+        or_(Delivery.dispatched_at.is_(None), Delivery.dispatched_at < now - grace),
+        or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+        _on_running_channel(),
+    ]

@@ -1,0 +1,100 @@
+"""Dispatch orchestration tasks: promote, plan, reconcile. Thin and repeatable.
+
+Each task opens its transaction, calls the engine, commits, and only then enqueues what
+the engine decided (plan tasks, send_batch tasks), so a worker never receives work
+whose rows are not committed. If enqueueing fails after the commit (Redis down), no
+retry is needed here: the rows are in PostgreSQL and reconciliation finds them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+
+from celery import current_app, shared_task
+
+from engine.clock import system_clock
+from engine.dispatch.completion import complete_finished
+from engine.dispatch.planning import Batch, channels_to_plan, plan_channel
+from engine.dispatch.promotion import promote_due
+from engine.dispatch.reconciliation import reconcile
+from workers.db import task_session
+
+log = logging.getLogger("herald.dispatch")
+
+PROMOTE_DUE = "herald.promote_due"
+PLAN_CAMPAIGN = "herald.plan_campaign"
+RECONCILE = "herald.reconcile"
+
+
+def send_batch_task_name(channel_type: str) -> str:
+    # Routed by prefix to the channel's own queue (herald.email.* → email, …).
+    return f"herald.{channel_type}.send_batch"
+
+
+def enqueue_batches(batches: Iterable[Batch]) -> int:
+    count = 0
+    for batch in batches:
+        current_app.send_task(
+            send_batch_task_name(batch.channel_type),
+            kwargs={
+                "channel_id": str(batch.channel_id),
+                "first_id": batch.first_id,
+                "last_id": batch.last_id,
+            },
+        )
+        count += 1
+    return count
+
+
+def enqueue_planning(campaign_ids: Iterable[uuid.UUID]) -> None:
+    for campaign_id in campaign_ids:
+        current_app.send_task(PLAN_CAMPAIGN, kwargs={"campaign_id": str(campaign_id)})
+
+
+@shared_task(name=PROMOTE_DUE)
+def promote_due_task() -> int:
+    with task_session() as session:
+        promoted = promote_due(session, system_clock.now())
+    enqueue_planning(promoted)
+    if promoted:
+        log.info("promoted %d due campaign(s)", len(promoted))
+    return len(promoted)
+
+
+@shared_task(name=PLAN_CAMPAIGN)
+def plan_campaign_task(campaign_id: str) -> int:
+    """Plan each pending channel in its own transaction, enqueueing its batches as soon
+    as it commits, so a big email audience does not hold back SMS."""
+    campaign = uuid.UUID(campaign_id)
+    with task_session() as session:
+        channel_ids = channels_to_plan(session, campaign)
+    enqueued = 0
+    for channel_id in channel_ids:
+        with task_session() as session:
+            batches = plan_channel(session, channel_id, system_clock.now())
+        enqueued += enqueue_batches(batches)
+    # A campaign whose audience reaches nobody is finished as soon as it is planned.
+    with task_session() as session:
+        complete_finished(session, system_clock.now(), campaign_id=campaign)
+    log.info("planned campaign %s: %d batch(es)", campaign_id, enqueued)
+    return enqueued
+
+
+@shared_task(name=RECONCILE)
+def reconcile_task() -> dict[str, int]:
+    with task_session() as session:
+        found = reconcile(session, system_clock.now())
+    enqueue_planning(found.campaigns_to_plan)
+    enqueue_batches(found.batches)
+    summary = {
+        "campaigns_to_plan": len(found.campaigns_to_plan),
+        "batches": len(found.batches),
+        "leases_reclaimed": found.leases_reclaimed,
+        "cancelled": found.cancelled,
+        "completed": len(found.completed),
+    }
+    if any(summary.values()):
+        log.info("reconciled: %s", summary)
+    return summary
