@@ -1,0 +1,643 @@
+"""The sending step: one batch of a channel's deliveries, from queued to an outcome.
+
+    claim ─commit─▶ render ▶ rate token ▶ provider call ─ … ─▶ checkpoint ─ … ─▶ done
+                                         (every 50 messages: record, re-check status)
+
+Unlike the rest of the engine this function owns its transactions (it takes a
+sessionmaker), because a provider call must never happen inside an open transaction:
+
+- The claim (queued → sending with a lease) is committed BEFORE the first provider
+  call. It is the durable mark "these may have been sent": if the worker dies, the rows
+  stay in 'sending' until the lease runs out and reconciliation hands them to another
+  worker, instead of rolling back to 'queued' and being resent at once by anyone. It
+  also keeps provider latency out of the database: no row locks, no idle-in-transaction
+  connection held for the seconds a batch takes, nothing blocking pause or cancel.
+- Outcomes are recorded in short transactions, one per checkpoint (every
+  CHECKPOINT_EVERY messages, and at the end), each a handful of set-based statements.
+
+Every write after the claim is a compare-and-set on (status = 'sending', our lease,
+the attempt number we claimed), so a row that reconciliation took back after our lease
+ran out (and someone else claimed again) is never recorded twice, and
+campaign_channels.sent_count grows, in the same statement, by exactly the rows that
+changed to 'sent'.
+
+In flight, i.e. sent but not yet recorded, are at most CHECKPOINT_EVERY messages per
+worker process (the whole batch for a provider that takes batches in one call, like
+`null`). A worker killed mid-batch can therefore cause at most that many resends, each
+with the same idempotency key (d<delivery id>: the SMTP Message-ID, the providers'
+idempotency headers). Recording each acceptance in Redis before the next call would
+bring that down to one message; that is a follow-up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, bindparam, exists, func, or_, select, text, tuple_, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from engine.campaigns.config import DEFAULT_ERROR_THRESHOLD, DEFAULT_MAX_ATTEMPTS
+from engine.campaigns.rendering import CompiledChannel
+from engine.campaigns.templates import TemplateRenderError
+from engine.channels import Channel, OutboundMessage, SendResult
+from engine.clock import Clock
+from engine.db import session_scope
+from engine.dispatch.backoff import retry_delay
+from engine.models import Campaign, CampaignChannel, Contact, Delivery, Suppression
+from engine.models.base import UTCDateTime
+from engine.ratelimit import RateLimiter, wait_seconds
+from engine.settings import Settings
+from engine.unsubscribe import unsubscribe_url
+
+log = logging.getLogger("herald.dispatch.sending")
+
+# Long enough for a checkpoint's worth of slow provider calls (50 of them, seconds each);
+# renewed at every checkpoint, so a long, rate-limited batch keeps its rows.
+LEASE_SECONDS = 300
+# How often the sender records outcomes and re-checks the campaign (pause, cancel):
+# also the most messages one killed worker can leave sent-but-unrecorded.
+CHECKPOINT_EVERY = 50
+
+deliveries = Delivery.__table__
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    claimed: int = 0
+    sent: int = 0
+    retrying: int = 0
+    failed: int = 0
+    suppressed: int = 0
+    handed_back: int = 0
+    # Why the batch stopped early: None, "not running", "campaign paused", "lease lost"…
+    stopped: str | None = None
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    id: int
+    contact_id: uuid.UUID | None
+    address: str | None
+    attempts: int
+
+
+@dataclass
+class _Batch:
+    """What one send_batch call knows and has done so far."""
+
+    channel_id: uuid.UUID
+    campaign_id: uuid.UUID
+    user_id: uuid.UUID
+    channel_type: str
+    max_attempts: int
+    error_threshold: dict[str, Any]
+    buckets: list[tuple[str, float]]
+    lease: datetime
+    dialect: str
+    counts: dict[str, int] = field(default_factory=dict)
+    stopped: str | None = None
+
+    def add(self, key: str, n: int) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+
+def send_batch(
+    session_factory: sessionmaker[Session],
+    *,
+    channel_id: uuid.UUID,
+    first_id: int,
+    last_id: int,
+    settings: Settings,
+    clock: Clock,
+    rate_limiter: RateLimiter,
+    channel: Channel,
+    lease_seconds: float = LEASE_SECONDS,
+    sleep: Callable[[float], None] = time.sleep,
+    rng: Callable[[], float] = random.random,
+) -> BatchReport:
+    """Send the channel's due queued deliveries with first_id <= id <= last_id.
+
+    Repeatable: a second call (a redelivered task) finds the rows no longer queued and
+    sends nothing. Returns what happened, for the task's log."""
+    now = clock.now()
+    with session_scope(session_factory) as session:
+        loaded = _load_batch(session, channel_id, settings, now + timedelta(seconds=lease_seconds))
+        if loaded is None:
+            return BatchReport(stopped="not running")
+        batch, compiled = loaded
+        claimed = _claim(session, batch, first_id, last_id, now)
+        suppressed = _suppress(session, batch, claimed)
+        claimed = [row for row in claimed if row.id not in suppressed]
+        contacts = _contacts(session, [row.contact_id for row in claimed if row.contact_id])
+    # Committed: the claim is durable before any provider hears of these rows.
+    batch.add("claimed", len(claimed) + len(suppressed))
+    batch.add("suppressed", len(suppressed))
+    if claimed:
+        _send(
+            session_factory, batch, compiled, claimed, contacts, settings, clock,
+            rate_limiter, channel, lease_seconds, sleep, rng,
+        )  # fmt: skip
+    c = batch.counts
+    return BatchReport(
+        claimed=c.get("claimed", 0),
+        sent=c.get("sent", 0),
+        retrying=c.get("queued", 0),
+        failed=c.get("failed", 0),
+        suppressed=c.get("suppressed", 0),
+        handed_back=c.get("handed_back", 0),
+        stopped=batch.stopped,
+    )
+
+
+# -- claiming ----------------------------------------------------------------------------
+
+
+def _load_batch(
+    session: Session, channel_id: uuid.UUID, settings: Settings, lease: datetime
+) -> tuple[_Batch, CompiledChannel] | None:
+    row = session.execute(
+        select(CampaignChannel, Campaign)
+        .join(Campaign, Campaign.id == CampaignChannel.campaign_id)
+        .where(CampaignChannel.id == channel_id)
+    ).one_or_none()
+    if row is None or row.Campaign.status != "running":
+        return None
+    channel_row, campaign = row.CampaignChannel, row.Campaign
+    config = campaign.config or {}
+    channel_type = channel_row.channel_type
+    batch = _Batch(
+        channel_id=channel_id,
+        campaign_id=campaign.id,
+        user_id=campaign.user_id,
+        channel_type=channel_type,
+        max_attempts=int(config.get("max_attempts") or DEFAULT_MAX_ATTEMPTS),
+        error_threshold={**DEFAULT_ERROR_THRESHOLD, **(config.get("error_threshold") or {})},
+        buckets=[
+            (f"provider:{channel_type}", settings.rate_per_second.get(channel_type, 0.0)),
+            (f"campaign:{campaign.id}", float(config.get("rate_per_second") or 0.0)),
+        ],
+        lease=lease,
+        dialect=session.get_bind().dialect.name,
+    )
+    return batch, CompiledChannel.compile(channel_type, channel_row.config, campaign)
+
+
+def _claim(
+    session: Session, batch: _Batch, first_id: int, last_id: int, now: datetime
+) -> list[_Claimed]:
+    # The hot claim. SKIP LOCKED lets two workers handed overlapping ranges (a batch
+    # re-dispatched by reconciliation while the first copy still runs) split the rows
+    # instead of queueing behind each other; status = 'queued' makes a redelivered task
+    # claim nothing; the EXISTS re-checks the campaign in the same statement, so a
+    # campaign paused or cancelled since the batch was enqueued claims nothing.
+    # attempts counts claims: the CAS token of every later write, and the retry budget.
+    # SQLite (embedded, one worker) has no FOR UPDATE; SQLAlchemy leaves it out there.
+    running = exists().where(Campaign.id == batch.campaign_id, Campaign.status == "running")
+    due = (
+        select(Delivery.id)
+        .where(
+            Delivery.campaign_channel_id == batch.channel_id,
+            Delivery.id.between(first_id, last_id),
+            Delivery.status == "queued",
+            or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+            running,
+        )
+        .with_for_update(skip_locked=True)
+    )
+    rows = session.execute(
+        update(deliveries)
+        .where(deliveries.c.id.in_(due.scalar_subquery()))
+        .values(
+            status="sending",
+            lease_expires_at=batch.lease,
+            attempts=deliveries.c.attempts + 1,
+        )
+        .returning(
+            deliveries.c.id, deliveries.c.contact_id, deliveries.c.address, deliveries.c.attempts
+        )
+    ).all()
+    return sorted((_Claimed(*row) for row in rows), key=lambda row: row.id)
+
+
+def _suppress(session: Session, batch: _Batch, claimed: list[_Claimed]) -> set[int]:
+    """Rows whose address was suppressed since planning: suppressed, never attempted."""
+    if not claimed:
+        return set()
+    if batch.channel_type == "email":  # email suppressions match whatever the case
+        same_address = func.lower(Suppression.address) == func.lower(deliveries.c.address)
+    else:
+        same_address = Suppression.address == deliveries.c.address
+    suppressed = exists().where(
+        Suppression.user_id == batch.user_id,
+        Suppression.channel == batch.channel_type,
+        same_address,
+    )
+    rows = session.execute(
+        update(deliveries)
+        .where(_ours(batch, claimed), suppressed)
+        .values(status="suppressed", lease_expires_at=None, attempts=deliveries.c.attempts - 1)
+        .returning(deliveries.c.id)
+    ).all()
+    return {row.id for row in rows}
+
+
+def _contacts(session: Session, contact_ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
+    if not contact_ids:
+        return {}
+    rows = session.execute(select(*Contact.__table__.c).where(Contact.id.in_(contact_ids)))
+    return {row.id: row for row in rows}
+
+
+def _ours(batch: _Batch, rows: Sequence[_Claimed]):
+    """The compare-and-set that makes a write touch only rows this call still owns."""
+    return and_(
+        tuple_(deliveries.c.id, deliveries.c.attempts).in_([(r.id, r.attempts) for r in rows]),
+        deliveries.c.status == "sending",
+        deliveries.c.lease_expires_at == batch.lease,
+    )
+
+
+# -- sending -----------------------------------------------------------------------------
+
+
+def _send(
+    session_factory: sessionmaker[Session],
+    batch: _Batch,
+    compiled: CompiledChannel,
+    claimed: list[_Claimed],
+    contacts: dict[uuid.UUID, Any],
+    settings: Settings,
+    clock: Clock,
+    rate_limiter: RateLimiter,
+    channel: Channel,
+    lease_seconds: float,
+    sleep: Callable[[float], None],
+    rng: Callable[[], float],
+) -> None:
+    remaining = list(claimed)  # claimed rows not yet recorded nor handed back
+    pending: list[tuple[_Claimed, SendResult]] = []  # answered, not yet recorded
+
+    def take_token() -> None:
+        while (wait := rate_limiter.take(batch.buckets)) > 0:
+            sleep(wait_seconds(wait))
+
+    def attempt(row: _Claimed, send: bool) -> OutboundMessage | None:
+        message = _message(compiled, batch, row, contacts, settings)
+        if isinstance(message, SendResult):  # nothing sendable: fails without a call
+            pending.append((row, message))
+            return None
+        take_token()
+        if send:
+            pending.append((row, channel.send(message)))
+        return message
+
+    try:
+        if channel.accepts_batch:
+            # One provider call for the whole batch, after taking all its tokens.
+            messages = [m for row in remaining if (m := attempt(row, send=False))]
+            if messages:
+                results = channel.send_many(messages)
+                rows = {row.id: row for row in remaining}
+                pending.extend((rows[result.delivery_id], result) for result in results)
+            return
+        while remaining:
+            chunk, rest = remaining[:CHECKPOINT_EVERY], remaining[CHECKPOINT_EVERY:]
+            for row in chunk:
+                attempt(row, send=True)
+            lease = batch.lease
+            try:
+                with session_scope(session_factory) as session:
+                    _record(session, batch, pending, clock.now(), rng)
+                    if rest:
+                        rest = _checkpoint(session, batch, rest, clock.now(), lease_seconds)
+            except BaseException:
+                batch.lease = lease  # rolled back: the rows still carry the old lease
+                raise
+            pending, remaining = [], rest
+    finally:
+        # Normal end, or an exception (a provider bug, Redis down, the soft time limit):
+        # record what the providers answered and hand back what was never attempted.
+        if pending or remaining:
+            _settle(session_factory, batch, pending, remaining, clock.now(), rng)
+
+
+def _checkpoint(
+    session: Session, batch: _Batch, rest: list[_Claimed], now: datetime, lease_seconds: float
+) -> list[_Claimed]:
+    """Between two chunks: keep the lease on the rows still to send, and stop (handing
+    them back) if the campaign was paused or cancelled meanwhile. Returns the rows to
+    go on with."""
+    lease = now + timedelta(seconds=lease_seconds)
+    still_ours = _renew(session, batch, rest, lease)
+    if len(still_ours) < len(rest):
+        log.warning("lease lost on %d row(s) of a batch", len(rest) - len(still_ours))
+        batch.stopped = batch.stopped or "lease lost"
+    batch.lease = lease
+    rest = [row for row in rest if row.id in still_ours]
+    status = session.scalar(select(Campaign.status).where(Campaign.id == batch.campaign_id))
+    if status == "running":
+        return rest
+    batch.add("handed_back", _hand_back(session, batch, rest))
+    batch.stopped = f"campaign {status}"
+    log.info("batch stopped: campaign %s is %s", batch.campaign_id, status)
+    return []
+
+
+def _settle(
+    session_factory: sessionmaker[Session],
+    batch: _Batch,
+    pending: list[tuple[_Claimed, SendResult]],
+    remaining: list[_Claimed],
+    now: datetime,
+    rng: Callable[[], float],
+) -> None:
+    attempted = {row.id for row, _ in pending}
+    unsent = [row for row in remaining if row.id not in attempted]
+    with session_scope(session_factory) as session:
+        if pending:
+            _record(session, batch, pending, now, rng)
+        if unsent:
+            batch.add("handed_back", _hand_back(session, batch, unsent))
+
+
+def _message(
+    compiled: CompiledChannel,
+    batch: _Batch,
+    row: _Claimed,
+    contacts: dict[uuid.UUID, Any],
+    settings: Settings,
+) -> OutboundMessage | SendResult:
+    """The message for one claimed row, or the permanent failure that replaces it."""
+    contact = contacts.get(row.contact_id) if row.contact_id else None
+    if contact is None or not row.address:
+        return SendResult.permanent(row.id, "the contact was erased before sending")
+    url = unsubscribe_url(settings, row.id)
+    try:
+        content = compiled.render(contact, unsubscribe_url=url)
+    except TemplateRenderError as exc:
+        return SendResult.permanent(row.id, f"template {exc.field}: {exc.problem}")
+    push_tokens: tuple[str, ...] = ()
+    if batch.channel_type == "email":
+        # RFC 8058 one-click unsubscribe: mailbox providers show an unsubscribe button.
+        content["headers"] = {
+            **(content.get("headers") or {}),
+            "List-Unsubscribe": f"<{url}>",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        }
+    elif batch.channel_type == "push":
+        push_tokens = tuple(str(t) for t in (contact.push_tokens or ()))
+    return OutboundMessage(
+        delivery_id=row.id,
+        idempotency_key=f"d{row.id}",
+        address=row.address,
+        content=content,
+        push_tokens=push_tokens,
+    )
+
+
+# -- recording ---------------------------------------------------------------------------
+
+
+def _outcome(
+    batch: _Batch, row: _Claimed, result: SendResult, now: datetime, rng: Callable[[], float]
+) -> dict[str, Any]:
+    """The row's next state. Transient failures wait (backoff, or the provider's
+    Retry-After when longer) while attempts remain; the reconciliation re-batches them
+    once due, so no Celery countdown or ETA is ever used."""
+    if result.outcome == "sent":
+        return {"status": "sent", "provider_message_id": result.provider_message_id}
+    if result.outcome == "transient" and row.attempts < batch.max_attempts:
+        delay = retry_delay(row.attempts, result.retry_after, rng)
+        return {
+            "status": "queued",
+            "last_error": result.error,
+            "next_attempt_at": now + timedelta(seconds=delay),
+        }
+    return {"status": "failed", "last_error": result.error}
+
+
+# The hot recording statement, PostgreSQL form. The outcomes arrive as one JSON document
+# (one bind parameter whatever the batch size, so one cached plan); the UPDATE applies
+# them with a compare-and-set on status, lease and attempt number; the second CTE adds
+# to sent_count exactly the rows the first one changed to 'sent' — counted in SQL, in
+# the same statement, so the counter and the log cannot disagree.
+_RECORD_POSTGRESQL = """
+WITH outcome AS (
+    SELECT * FROM jsonb_to_recordset(CAST(:outcomes AS jsonb)) AS o(
+        id bigint, attempts integer, status text, provider_message_id text,
+        last_error text, next_attempt_at timestamp)
+),
+changed AS (
+    UPDATE deliveries AS d SET {assignments}
+    FROM outcome AS o
+    WHERE {ours}
+    RETURNING d.status
+),
+bumped AS (
+    UPDATE campaign_channels
+    SET sent_count = sent_count + (SELECT count(*) FROM changed WHERE status = 'sent')
+    WHERE id = :channel_id AND EXISTS (SELECT 1 FROM changed WHERE status = 'sent')
+)
+SELECT status, count(*) AS n FROM changed GROUP BY status
+"""
+# SQLite (embedded, a single writer: the transaction holds the database's write lock),
+# so counting RETURNING rows here and bumping the counter next is just as exact. Its
+# RETURNING may only name the target's columns, unqualified.
+_RECORD_SQLITE = """
+UPDATE deliveries AS d SET {assignments}
+FROM (
+    SELECT json_extract(value, '$.id') AS id,
+           json_extract(value, '$.attempts') AS attempts,
+           json_extract(value, '$.status') AS status,
+           json_extract(value, '$.provider_message_id') AS provider_message_id,
+           json_extract(value, '$.last_error') AS last_error,
+           json_extract(value, '$.next_attempt_at') AS next_attempt_at
+    FROM json_each(:outcomes)
+) AS o
+WHERE {ours}
+RETURNING status
+"""
+_ASSIGNMENTS = """
+    status = o.status,
+    provider_message_id = COALESCE(o.provider_message_id, d.provider_message_id),
+    last_error = o.last_error,
+    next_attempt_at = o.next_attempt_at,
+    sent_at = CASE WHEN o.status = 'sent' THEN :now ELSE d.sent_at END,
+    failed_at = CASE WHEN o.status = 'failed' THEN :now ELSE d.failed_at END,
+    lease_expires_at = NULL"""
+_OURS = """d.id = o.id AND d.attempts = o.attempts AND d.campaign_channel_id = :channel_id
+      AND d.status = 'sending' AND d.lease_expires_at = :lease"""
+
+
+def _record(
+    session: Session,
+    batch: _Batch,
+    results: list[tuple[_Claimed, SendResult]],
+    now: datetime,
+    rng: Callable[[], float],
+) -> None:
+    if not results:
+        return
+    outcomes = []
+    for row, result in results:
+        outcome = {"id": row.id, "attempts": row.attempts, **_outcome(batch, row, result, now, rng)}
+        if outcome.get("next_attempt_at") is not None:
+            outcome["next_attempt_at"] = _stored_timestamp(outcome["next_attempt_at"], batch)
+        outcomes.append(outcome)
+    template = _RECORD_POSTGRESQL if batch.dialect == "postgresql" else _RECORD_SQLITE
+    stmt = text(template.format(assignments=_ASSIGNMENTS, ours=_OURS)).bindparams(
+        bindparam("now", type_=UTCDateTime()),
+        bindparam("lease", type_=UTCDateTime()),
+        bindparam("channel_id", type_=CampaignChannel.__table__.c.id.type),
+    )
+    params = {
+        "outcomes": json.dumps(outcomes),
+        "now": now,
+        "lease": batch.lease,
+        "channel_id": batch.channel_id,
+    }
+    if batch.dialect == "postgresql":
+        changed = {status: n for status, n in session.execute(stmt, params)}
+    else:
+        changed = {}
+        for (status,) in session.execute(stmt, params):
+            changed[status] = changed.get(status, 0) + 1
+        if changed.get("sent"):
+            session.execute(
+                update(CampaignChannel)
+                .where(CampaignChannel.id == batch.channel_id)
+                .values(sent_count=CampaignChannel.sent_count + changed["sent"])
+                .execution_options(synchronize_session=False)
+            )
+    for status, n in changed.items():
+        batch.add(status, n)
+    if sum(changed.values()) < len(results):
+        log.warning(
+            "%d outcome(s) not recorded: their lease was taken back",
+            len(results) - sum(changed.values()),
+        )
+    _drop_invalid_push_tokens(session, batch, results)
+    if any(result.outcome != "sent" for _, result in results):
+        _check_error_threshold(session, batch)
+
+
+def _stored_timestamp(value: datetime, batch: _Batch) -> str:
+    """A timestamp inside the JSON outcomes, as each database stores UTCDateTime."""
+    naive = value.astimezone(UTC).replace(tzinfo=None)
+    if batch.dialect == "postgresql":
+        return naive.isoformat()
+    return naive.strftime("%Y-%m-%d %H:%M:%S.%f")  # SQLAlchemy's SQLite DateTime format
+
+
+def _drop_invalid_push_tokens(
+    session: Session, batch: _Batch, results: list[tuple[_Claimed, SendResult]]
+) -> None:
+    dead = [
+        (row.contact_id, token)
+        for row, result in results
+        if row.contact_id is not None
+        for token in result.invalid_push_tokens
+    ]
+    if not dead:
+        return
+    if batch.dialect == "postgresql":
+        # jsonb - text[] removes those strings from the array: one statement for all.
+        session.execute(
+            text(
+                "UPDATE contacts AS c SET push_tokens = c.push_tokens - dead.tokens"
+                " FROM (SELECT contact_id, array_agg(token) AS tokens"
+                "       FROM unnest(CAST(:contact_ids AS uuid[]), CAST(:tokens AS text[]))"
+                "            AS t(contact_id, token)"
+                "       GROUP BY contact_id) AS dead"
+                " WHERE c.id = dead.contact_id"
+            ),
+            {"contact_ids": [c for c, _ in dead], "tokens": [t for _, t in dead]},
+        )
+        return
+    # SQLite (embedded): a few contacts per batch at most; rewrite their arrays.
+    by_contact: dict[uuid.UUID, set[str]] = {}
+    for contact_id, token in dead:
+        by_contact.setdefault(contact_id, set()).add(token)
+    current = session.execute(
+        select(Contact.id, Contact.push_tokens).where(Contact.id.in_(by_contact))
+    ).all()
+    session.execute(
+        update(Contact),
+        [
+            {"id": cid, "push_tokens": [t for t in tokens if t not in by_contact[cid]]}
+            for cid, tokens in current
+        ],
+    )
+
+
+def _check_error_threshold(session: Session, batch: _Batch) -> None:
+    """Pause the campaign when this channel's failures per attempt pass the threshold.
+
+    attempts made = sum(deliveries.attempts) less one per row still 'sending' (that
+    attempt has no answer yet); every answered attempt either made its row 'sent' or
+    failed (transient or permanent), so failed attempts = attempts made - sent rows.
+    Suppressed rows give their claim back, so they count as no attempt."""
+    sending = func.count().filter(Delivery.status == "sending")
+    sent = func.count().filter(Delivery.status == "sent")
+    made, sent_rows = session.execute(
+        select(func.coalesce(func.sum(Delivery.attempts), 0) - sending, sent).where(
+            Delivery.campaign_channel_id == batch.channel_id
+        )
+    ).one()
+    failed = made - sent_rows
+    minimum = batch.error_threshold["min_attempts"]
+    if made < minimum or failed <= batch.error_threshold["rate"] * made:
+        return
+    reason = (
+        f"paused automatically: {round(100 * failed / made)}% of {made} attempts failed"
+        f" on {batch.channel_type}"
+    )
+    paused = session.execute(
+        update(Campaign)
+        .where(Campaign.id == batch.campaign_id, Campaign.status == "running")
+        .values(status="paused", status_reason=reason)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if paused:
+        log.warning("campaign %s %s", batch.campaign_id, reason)
+
+
+# -- leases ------------------------------------------------------------------------------
+
+
+def _renew(session: Session, batch: _Batch, rows: list[_Claimed], lease: datetime) -> set[int]:
+    """Extend the lease of the rows still to send; those that are no longer ours (the
+    lease ran out and reconciliation took them back) are dropped from this batch."""
+    renewed = session.execute(
+        update(deliveries)
+        .where(_ours(batch, rows))
+        .values(lease_expires_at=lease)
+        .returning(deliveries.c.id)
+    ).all()
+    return {row.id for row in renewed}
+
+
+def _hand_back(session: Session, batch: _Batch, rows: list[_Claimed]) -> int:
+    """Unsent rows go back to queued, their claim undone (nothing was attempted), so a
+    resume or another batch sends them once. dispatched_at is cleared so the next
+    reconciliation re-batches them at once instead of after the stale-dispatch grace."""
+    if not rows:
+        return 0
+    return session.execute(
+        update(deliveries)
+        .where(_ours(batch, rows))
+        .values(
+            status="queued",
+            lease_expires_at=None,
+            dispatched_at=None,
+            attempts=deliveries.c.attempts - 1,
+        )
+    ).rowcount

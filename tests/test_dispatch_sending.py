@@ -1,0 +1,550 @@
+"""The sending step against real PostgreSQL and Redis and the loopback providers.
+
+Campaigns, channels and queued deliveries are written straight to the database (the
+planning step is someone else's), then engine.dispatch.sending.send_batch runs as a
+worker would, with a FixedClock and a fake sleep that moves it. Every test ends with
+the invariant: each channel's sent_count equals its deliveries with sent_at.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+from sqlalchemy import func, select, update
+
+from engine.channels import Channel, channel_for
+from engine.clock import FixedClock
+from engine.dispatch.sending import CHECKPOINT_EVERY, LEASE_SECONDS, send_batch
+from engine.models import Campaign, CampaignChannel, Contact, Delivery, Suppression, User
+from engine.ratelimit import RateLimiter
+from engine.unsubscribe import unsubscribe_url
+from tests.campaigns_fixtures import VALID_CONFIGS
+from tests.conftest import TEST_REDIS_URL
+from tests.providers.fixtures import (  # noqa: F401
+    fcm_credentials_fixture,
+    fcm_sink_fixture,
+    smtp_server_fixture,
+    twilio_sink_fixture,
+)
+
+NOW = datetime(2030, 3, 1, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def factory(app):
+    from api.extensions import db
+
+    with app.app_context():
+        yield db.factory
+
+
+@pytest.fixture
+def clock() -> FixedClock:
+    return FixedClock(NOW)
+
+
+@pytest.fixture
+def limiter(clock):
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    yield RateLimiter(client, clock)
+    client.close()
+
+
+@dataclass
+class Scenario:
+    campaign_id: uuid.UUID
+    channel_id: uuid.UUID
+    delivery_ids: list[int]
+    contacts: list[Contact]
+    user_id: uuid.UUID
+
+
+def make_scenario(session, channel_type: str, count: int, **config) -> Scenario:
+    """A running campaign with one planned channel and `count` queued deliveries."""
+    user = User(email=f"{uuid.uuid4().hex[:10]}@example.com", password_hash="x")
+    session.add(user)
+    session.flush()
+    campaign = Campaign(
+        user_id=user.id,
+        name="Spring",
+        status="running",
+        config={"max_attempts": 3, "error_threshold": {"rate": 0.2, "min_attempts": 100}} | config,
+    )
+    session.add(campaign)
+    session.flush()
+    channel = CampaignChannel(
+        campaign_id=campaign.id,
+        channel_type=channel_type,
+        config=VALID_CONFIGS[channel_type],
+        status="planned",
+    )
+    contacts = [
+        Contact(
+            user_id=user.id,
+            email=f"c{i}@example.com",
+            phone=f"+1555000{i:04d}",
+            whatsapp=f"+1666000{i:04d}",
+            push_tokens=[f"token-{i}"],
+            first_name=f"C{i}",
+            attributes={"tier": "gold"},
+            consent_email=True,
+            consent_sms=True,
+            consent_push=True,
+            consent_whatsapp=True,
+        )
+        for i in range(count)
+    ]
+    session.add(channel)
+    session.add_all(contacts)
+    session.flush()
+    field = {"email": "email", "sms": "phone", "whatsapp": "whatsapp"}.get(channel_type)
+    rows = [
+        Delivery(
+            campaign_channel_id=channel.id,
+            contact_id=c.id,
+            address=getattr(c, field) if field else str(c.id),
+        )
+        for c in contacts
+    ]
+    session.add_all(rows)
+    session.commit()
+    return Scenario(campaign.id, channel.id, sorted(r.id for r in rows), contacts, user.id)
+
+
+def run(factory, scenario, settings, clock, limiter, channel, **kwargs):
+    sleeps = kwargs.pop("sleeps", [])
+
+    def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.set(clock.now() + timedelta(seconds=seconds))
+
+    return send_batch(
+        factory,
+        channel_id=scenario.channel_id,
+        first_id=scenario.delivery_ids[0],
+        last_id=scenario.delivery_ids[-1],
+        settings=settings,
+        clock=clock,
+        rate_limiter=limiter,
+        channel=channel,
+        sleep=fake_sleep,
+        rng=lambda: 0.5,  # no jitter: backoff is exactly 10 s * 2**attempts
+        **kwargs,
+    )
+
+
+def rows(session, scenario) -> list[Delivery]:
+    session.expire_all()
+    return session.scalars(
+        select(Delivery).where(Delivery.campaign_channel_id == scenario.channel_id)
+        .order_by(Delivery.id)
+    ).all()  # fmt: skip
+
+
+def assert_counters_match(session, scenario) -> int:
+    session.expire_all()
+    sent_count = session.scalar(
+        select(CampaignChannel.sent_count).where(CampaignChannel.id == scenario.channel_id)
+    )
+    sent_rows = session.scalar(
+        select(func.count()).where(
+            Delivery.campaign_channel_id == scenario.channel_id, Delivery.sent_at.is_not(None)
+        )
+    )
+    sent_status = session.scalar(
+        select(func.count()).where(
+            Delivery.campaign_channel_id == scenario.channel_id, Delivery.status == "sent"
+        )
+    )
+    assert sent_count == sent_rows == sent_status
+    return sent_count
+
+
+class Hooked(Channel):
+    """A real provider channel with a test hook run after each send (to pause the
+    campaign or take rows back at an exact point of the batch)."""
+
+    def __init__(self, inner: Channel, hook) -> None:
+        self.inner, self.hook, self.calls = inner, hook, 0
+        self.name, self.channel_type = inner.name, inner.channel_type
+
+    def send(self, message):
+        result = self.inner.send(message)
+        self.calls += 1
+        self.hook(self.calls)
+        return result
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+# -- the happy path ----------------------------------------------------------------------
+
+
+def test_email_batch_sends_each_row_once_with_unsubscribe_headers(
+    factory, db_session, settings, clock, limiter, smtp_server
+):
+    scenario = make_scenario(db_session, "email", 3)
+    with channel_for("email", smtp_server.settings(settings)) as channel:
+        report = run(factory, scenario, settings, clock, limiter, channel)
+        again = run(factory, scenario, settings, clock, limiter, channel)
+
+    assert (report.claimed, report.sent, report.stopped) == (3, 3, None)
+    assert (again.claimed, again.sent) == (0, 0)  # the claim guard: nothing twice
+    smtp_server.wait_for(3)
+    assert len(smtp_server.messages) == 3
+    by_to = {m.message["To"]: m.message for m in smtp_server.messages}
+    for delivery, contact in zip(rows(db_session, scenario), scenario.contacts, strict=True):
+        assert delivery.status == "sent"
+        assert delivery.sent_at == NOW
+        assert delivery.attempts == 1
+        assert delivery.lease_expires_at is None
+        assert delivery.provider_message_id == f"<herald.d{delivery.id}@example.com>"
+        email = by_to[contact.email]
+        assert email["Subject"] == f"Hello {contact.first_name}"
+        assert email["Message-ID"] == delivery.provider_message_id
+        assert email["List-Unsubscribe"] == f"<{unsubscribe_url(settings, delivery.id)}>"
+        assert email["List-Unsubscribe"].startswith("<http://herald.test/u/")
+        assert email["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert assert_counters_match(db_session, scenario) == 3
+
+
+def test_batch_provider_gets_one_call_and_counters_follow(
+    factory, db_session, settings, clock, limiter
+):
+    scenario = make_scenario(db_session, "whatsapp", 120)
+    report = run(factory, scenario, settings, clock, limiter, channel_for("whatsapp", settings))
+    assert report.sent == 120
+    statuses = {d.status for d in rows(db_session, scenario)}
+    assert statuses == {"sent"}
+    assert assert_counters_match(db_session, scenario) == 120
+
+
+def test_rate_limit_spaces_the_sends(factory, db_session, settings, clock, limiter):
+    scenario = make_scenario(db_session, "sms", 12, rate_per_second=5)
+    sleeps: list[float] = []
+    report = run(
+        factory, scenario, settings, clock, limiter, channel_for("sms", settings), sleeps=sleeps
+    )
+    assert report.sent == 12
+    # 5 tokens at once (one second's worth), then one every 0.2 s.
+    assert sleeps == [pytest.approx(0.2)] * 7
+    assert clock.now() - NOW == pytest.approx(timedelta(seconds=1.4), abs=timedelta(0.001))
+    assert assert_counters_match(db_session, scenario) == 12
+
+
+def test_campaign_not_running_claims_nothing(factory, db_session, settings, clock, limiter):
+    scenario = make_scenario(db_session, "sms", 3)
+    db_session.execute(
+        update(Campaign).where(Campaign.id == scenario.campaign_id).values(status="paused")
+    )
+    db_session.commit()
+    report = run(factory, scenario, settings, clock, limiter, channel_for("sms", settings))
+    assert (report.claimed, report.stopped) == (0, "not running")
+    assert {d.status for d in rows(db_session, scenario)} == {"queued"}
+    assert {d.attempts for d in rows(db_session, scenario)} == {0}
+    assert assert_counters_match(db_session, scenario) == 0
+
+
+# -- suppression -------------------------------------------------------------------------
+
+
+def test_contact_suppressed_since_planning_is_not_sent(
+    factory, db_session, settings, clock, limiter, smtp_server
+):
+    scenario = make_scenario(db_session, "email", 3)
+    db_session.add(
+        Suppression(
+            user_id=scenario.user_id, channel="email", address="C1@Example.com", reason="manual"
+        )
+    )
+    db_session.commit()
+    with channel_for("email", smtp_server.settings(settings)) as channel:
+        report = run(factory, scenario, settings, clock, limiter, channel)
+    assert (report.claimed, report.sent, report.suppressed) == (3, 2, 1)
+    delivered = rows(db_session, scenario)
+    assert [d.status for d in delivered] == ["sent", "suppressed", "sent"]
+    assert delivered[1].attempts == 0 and delivered[1].lease_expires_at is None
+    assert sorted(m.message["To"] for m in smtp_server.messages) == [
+        "c0@example.com",
+        "c2@example.com",
+    ]
+    assert assert_counters_match(db_session, scenario) == 2
+
+
+# -- failures ----------------------------------------------------------------------------
+
+
+def test_transient_failures_back_off_then_fail_at_max_attempts(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    scenario = make_scenario(db_session, "sms", 3)
+    always_down, throttled = scenario.contacts[0].phone, scenario.contacts[1].phone
+    twilio_sink.fail(500, match=always_down, times=None)
+    twilio_sink.fail(429, match=throttled, retry_after=7200)
+    channel = channel_for("sms", twilio_sink.settings(settings))
+
+    report = run(factory, scenario, settings, clock, limiter, channel)
+    assert (report.sent, report.retrying, report.failed) == (1, 2, 0)
+    first, second, third = rows(db_session, scenario)
+    assert (first.status, first.attempts) == ("queued", 1)
+    assert first.next_attempt_at == NOW + timedelta(seconds=20)  # 10 s * 2**1
+    assert "500" in first.last_error
+    assert (second.status, second.attempts) == ("queued", 1)
+    assert second.next_attempt_at == NOW + timedelta(seconds=7200)  # Retry-After wins
+    assert third.status == "sent"
+    assert assert_counters_match(db_session, scenario) == 1
+
+    # Not due yet: a redelivered batch claims nothing.
+    assert run(factory, scenario, settings, clock, limiter, channel).claimed == 0
+
+    clock.set(NOW + timedelta(seconds=30))  # only the first row is due
+    report = run(factory, scenario, settings, clock, limiter, channel)
+    assert (report.claimed, report.retrying) == (1, 1)
+    first = rows(db_session, scenario)[0]
+    assert first.attempts == 2
+    assert first.next_attempt_at == clock.now() + timedelta(seconds=40)
+
+    clock.set(NOW + timedelta(hours=3))  # both due; the third attempt is the last
+    report = run(factory, scenario, settings, clock, limiter, channel)
+    assert (report.claimed, report.sent, report.failed) == (2, 1, 1)
+    first, second, _ = rows(db_session, scenario)
+    assert (first.status, first.attempts, first.failed_at) == ("failed", 3, clock.now())
+    assert "500" in first.last_error and first.next_attempt_at is None
+    assert (second.status, second.attempts, second.last_error) == ("sent", 2, None)
+    assert len(twilio_sink.accepted()) == 2
+    assert assert_counters_match(db_session, scenario) == 2
+
+
+def test_permanent_failure_fails_at_once(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    scenario = make_scenario(db_session, "sms", 2)
+    twilio_sink.reject_number(scenario.contacts[0].phone)
+    channel = channel_for("sms", twilio_sink.settings(settings))
+    report = run(factory, scenario, settings, clock, limiter, channel)
+    assert (report.sent, report.failed) == (1, 1)
+    rejected, sent = rows(db_session, scenario)
+    assert (rejected.status, rejected.attempts, rejected.failed_at) == ("failed", 1, NOW)
+    assert "21211" in rejected.last_error
+    assert sent.status == "sent"
+    assert assert_counters_match(db_session, scenario) == 1
+
+
+def test_error_threshold_pauses_the_campaign_with_a_reason(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    scenario = make_scenario(
+        db_session, "sms", 20, error_threshold={"rate": 0.2, "min_attempts": 10}
+    )
+    for contact in scenario.contacts[:5]:
+        twilio_sink.reject_number(contact.phone)
+    channel = channel_for("sms", twilio_sink.settings(settings))
+    report = run(factory, scenario, settings, clock, limiter, channel)
+    assert (report.sent, report.failed) == (15, 5)
+    campaign = db_session.get(Campaign, scenario.campaign_id, populate_existing=True)
+    assert campaign.status == "paused"
+    assert campaign.status_reason == "paused automatically: 25% of 20 attempts failed on sms"
+    assert assert_counters_match(db_session, scenario) == 15
+
+
+def test_failures_under_the_threshold_keep_running(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    scenario = make_scenario(
+        db_session, "sms", 20, error_threshold={"rate": 0.2, "min_attempts": 10}
+    )
+    for contact in scenario.contacts[:4]:  # 20 % is not more than 20 %
+        twilio_sink.reject_number(contact.phone)
+    channel = channel_for("sms", twilio_sink.settings(settings))
+    run(factory, scenario, settings, clock, limiter, channel)
+    campaign = db_session.get(Campaign, scenario.campaign_id, populate_existing=True)
+    assert (campaign.status, campaign.status_reason) == ("running", None)
+    assert assert_counters_match(db_session, scenario) == 16
+
+
+# -- pause, resume, leases ---------------------------------------------------------------
+
+
+def test_pause_mid_batch_hands_back_the_rest_and_resume_sends_each_once(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    scenario = make_scenario(db_session, "sms", 120)
+
+    def pause_after_30(calls: int) -> None:
+        if calls == 30:
+            with factory() as other:
+                other.execute(
+                    update(Campaign)
+                    .where(Campaign.id == scenario.campaign_id)
+                    .values(status="paused")
+                )
+                other.commit()
+
+    channel = Hooked(channel_for("sms", twilio_sink.settings(settings)), pause_after_30)
+    report = run(factory, scenario, settings, clock, limiter, channel)
+    # The pause is noticed at the next checkpoint: the first chunk is sent and recorded.
+    assert (report.sent, report.handed_back) == (CHECKPOINT_EVERY, 120 - CHECKPOINT_EVERY)
+    assert report.stopped == "campaign paused"
+    after_pause = rows(db_session, scenario)
+    assert [d.status for d in after_pause] == ["sent"] * 50 + ["queued"] * 70
+    assert {(d.attempts, d.lease_expires_at) for d in after_pause[50:]} == {(0, None)}
+    assert assert_counters_match(db_session, scenario) == 50
+
+    db_session.execute(
+        update(Campaign).where(Campaign.id == scenario.campaign_id).values(status="running")
+    )
+    db_session.commit()
+    report = run(factory, scenario, settings, clock, limiter, channel)
+    assert (report.claimed, report.sent) == (70, 70)
+    recipients = [r.form["To"] for r in twilio_sink.accepted()]
+    assert len(recipients) == len(set(recipients)) == 120
+    assert assert_counters_match(db_session, scenario) == 120
+
+
+def test_rows_taken_back_after_the_lease_are_not_recorded_twice(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    """Our lease ran out mid-batch and another worker claimed the rows: none of our
+    outcomes may land on them, and we stop sending them."""
+    scenario = make_scenario(db_session, "sms", 60)
+    other_lease = NOW + timedelta(hours=1)
+
+    def reclaimed_by_another_worker(calls: int) -> None:
+        if calls == 1:
+            with factory() as other:
+                other.execute(
+                    update(Delivery)
+                    .where(Delivery.campaign_channel_id == scenario.channel_id)
+                    .values(lease_expires_at=other_lease, attempts=Delivery.attempts + 1)
+                )
+                other.commit()
+
+    channel = Hooked(
+        channel_for("sms", twilio_sink.settings(settings)), reclaimed_by_another_worker
+    )
+    report = run(factory, scenario, settings, clock, limiter, channel)
+    assert report.sent == 0
+    assert report.stopped == "lease lost"
+    assert len(twilio_sink.accepted()) == CHECKPOINT_EVERY  # nothing after the checkpoint
+    assert {(d.status, d.lease_expires_at, d.attempts) for d in rows(db_session, scenario)} == {
+        ("sending", other_lease, 2)
+    }
+    assert assert_counters_match(db_session, scenario) == 0
+
+
+def test_claim_sets_a_lease_and_counts_the_attempt(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    scenario = make_scenario(db_session, "sms", 1)
+    seen = {}
+
+    def look(calls: int) -> None:
+        with factory() as other:
+            seen["row"] = other.scalars(select(Delivery)).one()
+
+    channel = Hooked(channel_for("sms", twilio_sink.settings(settings)), look)
+    run(factory, scenario, settings, clock, limiter, channel)
+    # While the provider was being called, the claim was already committed.
+    assert seen["row"].status == "sending"
+    assert seen["row"].attempts == 1
+    assert seen["row"].lease_expires_at == NOW + timedelta(seconds=LEASE_SECONDS)
+    assert assert_counters_match(db_session, scenario) == 1
+
+
+# -- push --------------------------------------------------------------------------------
+
+
+def test_unregistered_push_token_is_removed_from_the_contact(
+    factory, db_session, settings, clock, limiter, fcm_sink, fcm_credentials
+):
+    scenario = make_scenario(db_session, "push", 2)
+    contact = scenario.contacts[0]
+    db_session.execute(
+        update(Contact).where(Contact.id == contact.id).values(push_tokens=["dead", "alive"])
+    )
+    db_session.commit()
+    fcm_sink.unregister("dead")
+    channel = channel_for("push", fcm_sink.settings(settings, fcm_credentials))
+    report = run(factory, scenario, settings, clock, limiter, channel)
+    assert report.sent == 2
+    db_session.expire_all()
+    assert db_session.get(Contact, contact.id).push_tokens == ["alive"]
+    assert db_session.get(Contact, scenario.contacts[1].id).push_tokens == ["token-1"]
+    tokens = sorted(r.json["message"]["token"] for r in fcm_sink.accepted())
+    assert tokens == ["alive", "token-1"]
+    assert assert_counters_match(db_session, scenario) == 2
+
+
+# -- the embedded default ----------------------------------------------------------------
+
+
+def test_embedded_sqlite_sends_records_and_counts(tmp_path, settings, twilio_sink):
+    from engine.db import make_engine, make_session_factory
+    from engine.models import Base
+
+    sqlite_settings = replace(settings, database_url="", var_dir=tmp_path)
+    engine = make_engine(sqlite_settings)
+    Base.metadata.create_all(engine)
+    factory = make_session_factory(engine)
+    clock = FixedClock(NOW)
+    try:
+        with factory() as session:
+            scenario = make_scenario(session, "sms", 4)
+            session.add(
+                Suppression(
+                    user_id=scenario.user_id,
+                    channel="sms",
+                    address=scenario.contacts[3].phone,
+                    reason="manual",
+                )
+            )
+            session.commit()
+            twilio_sink.fail(503, match=scenario.contacts[0].phone)
+            channel = channel_for("sms", twilio_sink.settings(settings))
+            report = run(factory, scenario, settings, clock, RateLimiter(None, clock), channel)
+            assert (report.sent, report.retrying, report.suppressed) == (2, 1, 1)
+            statuses = [(d.status, d.attempts) for d in rows(session, scenario)]
+            assert statuses == [("queued", 1), ("sent", 1), ("sent", 1), ("suppressed", 0)]
+            assert rows(session, scenario)[0].next_attempt_at == NOW + timedelta(seconds=20)
+            assert assert_counters_match(session, scenario) == 2
+
+            clock.set(NOW + timedelta(minutes=1))
+            report = run(factory, scenario, settings, clock, RateLimiter(None, clock), channel)
+            assert (report.claimed, report.sent) == (1, 1)
+            assert assert_counters_match(session, scenario) == 3
+    finally:
+        engine.dispose()
+
+
+# -- the Celery task ---------------------------------------------------------------------
+
+
+def test_send_batch_task_runs_on_a_real_worker(app, db_session, celery_worker):
+    """herald.sms.send_batch, routed to the sms queue, sends through the configured
+    provider (null here) and records the batch."""
+    import time
+
+    scenario = make_scenario(db_session, "sms", 5)
+    celery = app.extensions["herald"].celery
+    celery.send_task(
+        "herald.sms.send_batch",
+        kwargs={
+            "channel_id": str(scenario.channel_id),
+            "first_id": scenario.delivery_ids[0],
+            "last_id": scenario.delivery_ids[-1],
+        },
+    )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # waiting on another thread's work, not pacing
+        if {d.status for d in rows(db_session, scenario)} == {"sent"}:
+            break
+        time.sleep(0.05)
+    assert [d.provider_message_id for d in rows(db_session, scenario)] == [
+        f"null-{i}" for i in scenario.delivery_ids
+    ]
+    assert assert_counters_match(db_session, scenario) == 5
