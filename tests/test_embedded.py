@@ -121,3 +121,38 @@ def test_make_run_embedded_default_end_to_end(embedded_herald):
     assert (embedded_herald["var"] / "herald.sqlite3").exists()
     _wait_until(lambda: _answers(embedded_herald["flower"]), time.monotonic() + 30, "Flower", log)
     assert "beat" in log.read_text(errors="replace")
+
+    # A campaign, launched, is planned and sent by the worker through the null provider
+    # and completed by beat's reconciliation, all on SQLite and the filesystem broker.
+    auth = {"Authorization": f"Bearer {tokens['access_token']}"}
+
+    def post(path: str, body: dict) -> dict:
+        response = requests.post(f"{api}/api/v1{path}", json=body, headers=auth, timeout=10)
+        assert response.status_code in (200, 201), (path, response.text)
+        return response.json()
+
+    for i in range(3):
+        post("/contacts", {"email": f"reader{i}@example.com", "consent": {"email": True}})
+    post("/contacts", {"email": "no-consent@example.com"})
+    campaign = post("/campaigns", {"name": "Embedded launch"})
+    cid = campaign["id"]
+    post(
+        f"/campaigns/{cid}/channels",
+        {"channel_type": "email", "config": {"subject": "Hi {{ contact.email }}", "text": "Hello"}},
+    )
+    post(f"/campaigns/{cid}/audiences", {"name": "everyone", "definition": {"all": []}})
+    assert post(f"/campaigns/{cid}/launch", {})["status"] == "running"
+
+    def completed():
+        body = requests.get(f"{api}/api/v1/campaigns/{cid}", headers=auth, timeout=10).json()
+        return body if body["status"] == "completed" else None
+
+    finished = _wait_until(completed, time.monotonic() + 90, "the campaign to complete", log)
+    assert finished["channels"][0]["sent_count"] == 3
+    log_rows = requests.get(
+        f"{api}/api/v1/campaigns/{cid}/deliveries", headers=auth, timeout=10
+    ).json()["items"]
+    assert sorted(row["address"] for row in log_rows) == [
+        f"reader{i}@example.com" for i in range(3)
+    ]
+    assert {row["status"] for row in log_rows} == {"sent"}
