@@ -1,4 +1,4 @@
-"""/api/v1/campaigns/{id}: the per-message log, stats and retry-failed."""
+"""/api/v1/campaigns/{id}: the per-message log, stats, retry-failed and test sends."""
 
 from __future__ import annotations
 
@@ -9,11 +9,19 @@ from flask_smorest import Blueprint
 
 from api.extensions import db
 from api.openapi import login_required
+from api.runtime import settings
 from api.schemas.common import ErrorEnvelope
-from api.schemas.deliveries import CampaignStatsOut, DeliveryListArgs, DeliveryPage, RetryFailedOut
+from api.schemas.deliveries import (
+    CampaignStatsOut,
+    DeliveryListArgs,
+    DeliveryPage,
+    RetryFailedOut,
+    TestSendIn,
+    TestSendOut,
+)
 from engine.models import Delivery
 from engine.pagination import paginate_by_id
-from engine.services import deliveries
+from engine.services import deliveries, test_send
 
 blp = Blueprint(
     "deliveries",
@@ -67,3 +75,29 @@ def retry_failed(campaign_id: uuid.UUID):
     """Re-queue every failed delivery for one more round of attempts; the campaign goes
     back to running. Nothing failed: nothing changes (requeued 0, status unchanged)."""
     return deliveries.retry_failed(db.session, current_user.id, campaign_id)
+
+
+@blp.post(f"{CAMPAIGN}/test-send")
+@login_required
+@blp.arguments(TestSendIn)
+@blp.response(200, TestSendOut)
+@_not_found
+@blp.alt_response(
+    409, schema=ErrorEnvelope, description="invalid_transition: the campaign is cancelled"
+)
+def send_test(args: dict, campaign_id: uuid.UUID):
+    """Send the campaign's channels now to 1-20 of your contacts, to check them.
+
+    Real messages through the configured providers (email subject prefixed "[TEST] ",
+    an unsubscribe link that unsubscribes nobody), outside the campaign: no delivery
+    rows, no counters. Contacts without an address, without consent or suppressed on a
+    channel are skipped with the reason. Ids that are not your contacts: 422 naming
+    `contact_ids[i]`. Any status but cancelled.
+    """
+    plan = test_send.plan_test_send(
+        db.session, current_user.id, campaign_id, args["contact_ids"], settings=settings()
+    )
+    # Nothing was written: end the read-only transaction before the provider calls, so
+    # no connection idles in a transaction while they run.
+    db.session.rollback()
+    return {"results": test_send.deliver_test_send(plan, settings())}

@@ -12,6 +12,7 @@ from engine.models.enums import (
     DELIVERY_STATUSES,
 )
 from engine.services.deliveries import EVENTS
+from engine.services.test_send import MAX_TEST_CONTACTS
 
 
 class DeliveryListArgs(PageArgs):
@@ -108,3 +109,29 @@ class OneClickArgs(Schema):
         load_default=None,
         validate=validate.OneOf(["One-Click"]),
     )
+
+
+class TestSendIn(Schema):
+    contact_ids = fields.List(
+        fields.UUID(),
+        required=True,
+        validate=validate.Length(min=1, max=MAX_TEST_CONTACTS),
+        metadata={"description": f"1 to {MAX_TEST_CONTACTS} of your contacts"},
+    )
+
+
+class TestSendResultOut(Schema):
+    contact_id = fields.UUID(required=True)
+    channel = fields.String(required=True, metadata={"enum": list(CHANNEL_TYPES)})
+    outcome = fields.String(
+        required=True, metadata={"enum": ["sent", "transient", "permanent", "skipped"]}
+    )
+    error = fields.String(
+        allow_none=True,
+        metadata={"description": "the provider's error, or why the message was skipped"},
+    )
+    provider_message_id = fields.String(allow_none=True)
+
+
+class TestSendOut(Schema):
+    results = fields.List(fields.Nested(TestSendResultOut), required=True)

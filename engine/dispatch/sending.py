@@ -51,6 +51,7 @@ from engine.channels import Channel, OutboundMessage, SendResult
 from engine.clock import Clock
 from engine.db import session_scope
 from engine.dispatch.backoff import retry_delay
+from engine.dispatch.messages import build_message
 from engine.models import Campaign, CampaignChannel, Contact, Delivery, Suppression
 from engine.models.base import UTCDateTime
 from engine.ratelimit import RateLimiter, wait_seconds
@@ -290,7 +291,7 @@ def _send(
             sleep(wait_seconds(wait))
 
     def attempt(row: _Claimed, send: bool) -> OutboundMessage | None:
-        message = _message(compiled, batch, row, contacts, settings)
+        message = _message(compiled, row, contacts, settings)
         if isinstance(message, SendResult):  # nothing sendable: fails without a call
             pending.append((row, message))
             return None
@@ -370,7 +371,6 @@ def _settle(
 
 def _message(
     compiled: CompiledChannel,
-    batch: _Batch,
     row: _Claimed,
     contacts: dict[uuid.UUID, Any],
     settings: Settings,
@@ -381,26 +381,16 @@ def _message(
         return SendResult.permanent(row.id, "the contact was erased before sending")
     url = unsubscribe_url(settings, row.id)
     try:
-        content = compiled.render(contact, unsubscribe_url=url)
+        return build_message(
+            compiled,
+            contact,
+            message_id=row.id,
+            idempotency_key=f"d{row.id}",
+            address=row.address,
+            unsubscribe_url=url,
+        )
     except TemplateRenderError as exc:
         return SendResult.permanent(row.id, f"template {exc.field}: {exc.problem}")
-    push_tokens: tuple[str, ...] = ()
-    if batch.channel_type == "email":
-        # RFC 8058 one-click unsubscribe: mailbox providers show an unsubscribe button.
-        content["headers"] = {
-            **(content.get("headers") or {}),
-            "List-Unsubscribe": f"<{url}>",
-            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
-        }
-    elif batch.channel_type == "push":
-        push_tokens = tuple(str(t) for t in (contact.push_tokens or ()))
-    return OutboundMessage(
-        delivery_id=row.id,
-        idempotency_key=f"d{row.id}",
-        address=row.address,
-        content=content,
-        push_tokens=push_tokens,
-    )
 
 
 # -- recording ---------------------------------------------------------------------------

@@ -1,0 +1,47 @@
+"""One contact's message on one channel, rendered exactly as every sender builds it.
+
+The sending step and the test send (engine.services.test_send) both go through here, so
+a test message is the real message, bar what the caller changes on purpose (its
+idempotency key, its unsubscribe link)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.campaigns.rendering import CompiledChannel
+from engine.channels import OutboundMessage
+
+
+def build_message(
+    compiled: CompiledChannel,
+    contact: Any,
+    *,
+    message_id: int,
+    idempotency_key: str,
+    address: str,
+    unsubscribe_url: str,
+    list_unsubscribe: bool = True,
+) -> OutboundMessage:
+    """The rendered message for `contact` (a Contact or a row with its columns).
+
+    Raises TemplateRenderError naming the field when a template fails for this contact.
+    `list_unsubscribe` adds the RFC 8058 headers to an email; a caller whose link does
+    not unsubscribe anyone (a test send) leaves them out."""
+    content = compiled.render(contact, unsubscribe_url=unsubscribe_url)
+    push_tokens: tuple[str, ...] = ()
+    if compiled.channel_type == "email" and list_unsubscribe:
+        # RFC 8058 one-click unsubscribe: mailbox providers show an unsubscribe button.
+        content["headers"] = {
+            **(content.get("headers") or {}),
+            "List-Unsubscribe": f"<{unsubscribe_url}>",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        }
+    elif compiled.channel_type == "push":
+        push_tokens = tuple(str(t) for t in (contact.push_tokens or ()))
+    return OutboundMessage(
+        delivery_id=message_id,
+        idempotency_key=idempotency_key,
+        address=address,
+        content=content,
+        push_tokens=push_tokens,
+    )
