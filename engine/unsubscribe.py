@@ -7,6 +7,8 @@ else. Unsubscribe links never expire (mail is read years later), hence no timest
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from itsdangerous import BadSignature, URLSafeSerializer
 
 from engine.settings import Settings
@@ -15,7 +17,14 @@ SALT = "herald.unsubscribe"
 
 
 def _serializer(settings: Settings) -> URLSafeSerializer:
-    return URLSafeSerializer(settings.secret_key, salt=SALT)
+    return _serializer_for(settings.secret_key)
+
+
+@lru_cache(maxsize=4)
+def _serializer_for(secret_key: str) -> URLSafeSerializer:
+    # Built once per key: the sender signs one URL per message, and constructing the
+    # serializer (key derivation included) cost about as much as rendering the message.
+    return URLSafeSerializer(secret_key, salt=SALT)
 
 
 def unsubscribe_token(settings: Settings, delivery_id: int) -> str:
