@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import IO, Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
 from engine.contacts.upsert import REJECTED, upsert_contacts
@@ -224,6 +224,11 @@ def run_import_batch(
         .where(ContactImportRow.import_id == import_id, ContactImportRow.row_number <= done)
         .execution_options(synchronize_session=False)
     )
+    if finished and session.get_bind().dialect.name == "postgresql":
+        # Fresh statistics for the rows just added: without them (autovacuum off, or not
+        # yet run) the planner picks whole-index scans for the contact lookups of the
+        # campaign a marketer launches right after an import.
+        session.execute(text("ANALYZE contacts"))
     return not finished
 
 
