@@ -51,7 +51,8 @@ def migrated_database() -> str:
     url = _pg_url(TEST_DATABASE_URL)
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
+        # IF EXISTS: a run killed between these two statements leaves no schema behind.
+        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
         conn.execute(text("CREATE SCHEMA public"))
     engine.dispose()
     config = Config(str(ROOT / "alembic.ini"))
