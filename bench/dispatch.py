@@ -215,25 +215,24 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def pss_kb(pid: int) -> int | None:
-    """Proportional set size: RSS with pages shared after fork split between sharers."""
+def _proc_kb(path: Path, field: str) -> int | None:
+    """A "<field>: <n> kB" line of a /proc file, or None if the process is gone."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+        for line in path.read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def pss_kb(pid: int) -> int | None:
+    """Proportional set size: RSS with pages shared after fork split between sharers."""
+    return _proc_kb(Path(f"/proc/{pid}/smaps_rollup"), "Pss")
 
 
 def vm_hwm_kb(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return _proc_kb(Path(f"/proc/{pid}/status"), "VmHWM")
 
 
 # -- data --------------------------------------------------------------------------------
