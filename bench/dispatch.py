@@ -54,7 +54,6 @@ from engine.clock import system_clock
 from engine.db import make_engine, make_session_factory, session_scope
 from engine.models import Audience, Campaign, CampaignChannel, Contact, Delivery, User
 from engine.settings import QUEUES, get_settings
-from workers.celery_app import RECONCILE_INTERVAL
 from workers.db import task_session
 
 # The worker app (built at import of `workers`, from these settings); the naive worker
@@ -65,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CELERY = str(ROOT / ".venv" / "bin" / "celery")
 NAIVE_TASK = "herald.bench.naive_send"  # herald.* → the default queue
 # Beat's own interval: a shorter one piles reconcile tasks up behind the sends.
-RECONCILE_TICK = RECONCILE_INTERVAL
+RECONCILE_TICK = get_settings().reconcile_interval
 POLL = 0.05
 
 EMAIL_CONFIG = {

@@ -71,6 +71,14 @@ class Settings:
     public_base_url: str = "http://127.0.0.1:5000"
     # Seconds between beat's promotions of due campaigns.
     beat_tick: float = 1.0
+    # Seconds between beat's reconciliation runs (lost batches, expired leases, retries).
+    reconcile_interval: float = 5.0
+    # How long a claimed batch's rows stay reserved to its worker (renewed every
+    # checkpoint); a killed worker's rows are reclaimed this long after its last renewal.
+    lease_seconds: float = 300.0
+    # How long a queued row may wait for its enqueued batch task before it is presumed
+    # lost with Redis (only checked while its channel's queue is empty).
+    dispatch_grace: float = 60.0
 
     # Login throttling: failures allowed per window before 429.
     login_max_failures_per_account: int = 5
@@ -126,6 +134,9 @@ class Settings:
             flower_basic_auth=_env_str("FLOWER_BASIC_AUTH"),
             public_base_url=_env_str("PUBLIC_BASE_URL", "http://127.0.0.1:5000").rstrip("/"),
             beat_tick=_env_float("HERALD_BEAT_TICK", 1.0),
+            reconcile_interval=_env_float("HERALD_RECONCILE_INTERVAL", 5.0),
+            lease_seconds=_env_float("HERALD_LEASE_SECONDS", 300.0),
+            dispatch_grace=_env_float("HERALD_DISPATCH_GRACE", 60.0),
             login_max_failures_per_account=_env_int("LOGIN_MAX_FAILURES_PER_ACCOUNT", 5),
             login_max_failures_per_ip=_env_int("LOGIN_MAX_FAILURES_PER_IP", 20),
             login_failure_window=_env_int("LOGIN_FAILURE_WINDOW", 900),
@@ -201,8 +212,14 @@ class Settings:
         for name, (value, allowed) in providers.items():
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(sorted(allowed))}")
-        if self.beat_tick <= 0:
-            raise ConfigError("HERALD_BEAT_TICK must be a positive number of seconds")
+        for name, seconds in (
+            ("HERALD_BEAT_TICK", self.beat_tick),
+            ("HERALD_RECONCILE_INTERVAL", self.reconcile_interval),
+            ("HERALD_LEASE_SECONDS", self.lease_seconds),
+            ("HERALD_DISPATCH_GRACE", self.dispatch_grace),
+        ):
+            if seconds <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
         if self.jwt_access_token_expires <= 0 or self.jwt_refresh_token_expires <= 0:
             raise ConfigError("JWT token lifetimes must be positive numbers of seconds")
         from engine.crypto import parse_keys  # here: crypto itself imports this module

@@ -470,6 +470,25 @@ def test_reconcile_rebatches_dispatches_older_than_the_grace(db_session, alice, 
     assert reconcile(db_session, past).batches == []
 
 
+def test_reconcile_leaves_stale_rows_alone_while_their_queue_is_busy(db_session, alice, clock):
+    # A long backlog is not a lost one: while the channel's queue still holds tasks,
+    # rows dispatched long ago may be waiting in it. Rows never dispatched (reclaimed,
+    # handed back) are batched whatever the queue holds.
+    insert_contacts(db_session, alice["id"], 3)
+    _, channel_id, ids = _planned_campaign(db_session, alice["id"], 3)  # email channel
+    _set(db_session, [ids[2]], dispatched_at=None)
+    past = T0 + DISPATCH_GRACE * 2
+
+    busy = reconcile(db_session, past, busy_channel_types={"email"})
+    db_session.commit()
+    assert [(b.first_id, b.last_id) for b in busy.batches] == [(ids[2], ids[2])]
+    assert reconcile(db_session, past, busy_channel_types={"sms", "push"}).batches != []
+    db_session.rollback()
+
+    idle = reconcile(db_session, past, busy_channel_types=set())
+    assert _covered(idle.batches, channel_id) >= set(ids[:2])
+
+
 def test_reconcile_sweeps_are_bounded(db_session, alice, clock):
     insert_contacts(db_session, alice["id"], 250)
     ids = _planned_campaign(db_session, alice["id"], 250)[2]

@@ -76,12 +76,6 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-# Reconciliation re-finds work the broker lost; every few seconds bounds how long a
-# Redis restart or a dead worker can delay a campaign, at the cost of a few indexed
-# queries per run.
-RECONCILE_INTERVAL = 5.0
-
-
 def beat_schedule(settings: Settings) -> dict:
     # The schedule lives in code; beat's state file (celerybeat-schedule) is runtime
     # state and gitignored. Every scheduled task is idempotent, so a second beat run
@@ -93,7 +87,10 @@ def beat_schedule(settings: Settings) -> dict:
         },
         "reconcile-dispatch": {
             "task": "herald.reconcile",
-            "schedule": RECONCILE_INTERVAL,
+            # Reconciliation re-finds work the broker lost; every few seconds bounds how
+            # long a Redis restart or a dead worker can delay a campaign, at the cost of
+            # a few indexed queries per run.
+            "schedule": settings.reconcile_interval,
         },
         "purge-expired-tokens": {
             "task": "herald.purge_expired_tokens",

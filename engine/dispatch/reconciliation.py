@@ -10,21 +10,28 @@ again from the rows themselves:
                                                               channels done
     (d) queued rows whose retry is due                      → batch them
     (e) queued rows never dispatched, or dispatched longer
-        ago than the grace period (their task vanished)     → batch them
+        ago than the grace period while their channel's
+        queue is empty (their task vanished)                → batch them
     (f) completion                                          → done / completed
 
 Each sweep takes at most `limit` rows, so one run stays short; the next run continues.
 Re-batching a row whose old task is merely slow is harmless: sending claims rows by
-compare-and-set, so only one batch can send each row.
+compare-and-set, so only one batch can send each row. It is not free, though: a big
+campaign's backlog can take minutes to drain, and re-dispatching everything older than
+the grace would flood the queue with empty duplicates. So (e) skips dispatched rows of
+channel types whose queue still holds tasks (the caller asks the broker): while a queue
+is non-empty its rows may simply be waiting in it, and a Redis restart that lost them
+also emptied it. Rows never dispatched are batched whatever the queue holds.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from engine.dispatch.completion import channel_has_work, complete_finished
@@ -57,6 +64,7 @@ def reconcile(
     grace: timedelta = DISPATCH_GRACE,
     limit: int = SWEEP_LIMIT,
     batch_size: int = BATCH_SIZE,
+    busy_channel_types: Collection[str] = (),
 ) -> Reconciled:
     result = Reconciled()
     result.campaigns_to_plan = unplanned_campaigns(session, limit=limit)
@@ -66,7 +74,11 @@ def reconcile(
         session, due_retries(now), now, batch_size=batch_size, limit=limit
     )
     result.batches += dispatch_queued(
-        session, lost_dispatches(now, grace), now, batch_size=batch_size, limit=limit
+        session,
+        lost_dispatches(now, grace, busy_channel_types),
+        now,
+        batch_size=batch_size,
+        limit=limit,
     )
     result.completed = complete_finished(session, now)
     return result
@@ -138,7 +150,7 @@ def cancel_remaining(session: Session, *, limit: int = SWEEP_LIMIT) -> int:
     return cancelled
 
 
-def _on_running_channel() -> ColumnElement[bool]:
+def _on_running_channel(*, excluding: Collection[str] = ()) -> ColumnElement[bool]:
     # Only planned (or done, then reopened) channels of running campaigns are sent; a
     # paused campaign's rows wait, undispatched or stale, until it resumes.
     sendable = (
@@ -146,6 +158,8 @@ def _on_running_channel() -> ColumnElement[bool]:
         .join(Campaign, Campaign.id == CampaignChannel.campaign_id)
         .where(Campaign.status == "running", CampaignChannel.status.in_(("planned", "done")))
     )
+    if excluding:
+        sendable = sendable.where(CampaignChannel.channel_type.not_in(list(excluding)))
     return Delivery.campaign_channel_id.in_(sendable.scalar_subquery())
 
 
@@ -161,13 +175,20 @@ def due_retries(now: datetime) -> list[ColumnElement[bool]]:
     ]
 
 
-def lost_dispatches(now: datetime, grace: timedelta) -> list[ColumnElement[bool]]:
+def lost_dispatches(
+    now: datetime, grace: timedelta, busy_channel_types: Collection[str] = ()
+) -> list[ColumnElement[bool]]:
     """(e) Queued rows no live batch owns: never dispatched (reclaimed, handed back,
     re-queued by retry-failed), or dispatched longer ago than `grace` (the task was
-    lost with Redis). Rows waiting for a retry in the future are left alone."""
+    lost with Redis) on a channel type whose queue is empty. Rows waiting for a retry
+    in the future are left alone."""
+    stale = and_(
+        Delivery.dispatched_at < now - grace,
+        _on_running_channel(excluding=busy_channel_types),
+    )
     return [
         Delivery.status == "queued",
-        or_(Delivery.dispatched_at.is_(None), Delivery.dispatched_at < now - grace),
         or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
         _on_running_channel(),
+        or_(Delivery.dispatched_at.is_(None), stale),
     ]

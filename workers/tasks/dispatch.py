@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable
+from datetime import timedelta
 
+from amqp.exceptions import ChannelError
 from celery import current_app, shared_task
 
 from engine.clock import system_clock
@@ -19,6 +21,7 @@ from engine.dispatch.completion import complete_finished
 from engine.dispatch.planning import Batch, channels_to_plan, plan_channel
 from engine.dispatch.promotion import promote_due
 from engine.dispatch.reconciliation import reconcile
+from engine.settings import CHANNELS, get_settings
 from workers.db import task_session
 
 log = logging.getLogger("herald.dispatch")
@@ -82,10 +85,34 @@ def plan_campaign_task(campaign_id: str) -> int:
     return enqueued
 
 
+def busy_channel_types() -> set[str]:
+    """Channel types whose queue still holds tasks. Their stale-looking queued rows may
+    just be waiting in line, so reconciliation leaves them alone until the queue
+    empties (see engine.dispatch.reconciliation). If the broker cannot say, every
+    queue counts as busy: a late re-dispatch is better than a flood of duplicates."""
+    busy = set()
+    try:
+        with current_app.connection_for_read() as connection:
+            channel = connection.default_channel
+            for name in CHANNELS:
+                try:
+                    waiting = channel.queue_declare(queue=name, passive=True).message_count
+                except ChannelError:  # never declared (or not since Redis restarted)
+                    waiting = 0
+                if waiting:
+                    busy.add(name)
+    except Exception:
+        log.warning("could not read queue lengths; treating all as busy", exc_info=True)
+        return set(CHANNELS)
+    return busy
+
+
 @shared_task(name=RECONCILE)
 def reconcile_task() -> dict[str, int]:
+    busy = busy_channel_types()
+    grace = timedelta(seconds=get_settings().dispatch_grace)
     with task_session() as session:
-        found = reconcile(session, system_clock.now())
+        found = reconcile(session, system_clock.now(), grace=grace, busy_channel_types=busy)
     enqueue_planning(found.campaigns_to_plan)
     enqueue_batches(found.batches)
     summary = {

@@ -66,12 +66,14 @@ def _close_channels(**_kwargs) -> None:
 
 
 def run_batch(channel_type: str, channel_id: str, first_id: int, last_id: int) -> dict:
+    settings = get_settings()
     report = send_batch(
         session_factory(),
         channel_id=uuid.UUID(channel_id),
         first_id=int(first_id),
         last_id=int(last_id),
-        settings=get_settings(),
+        settings=settings,
+        lease_seconds=settings.lease_seconds,
         clock=system_clock,
         rate_limiter=rate_limiter(),
         channel=channel(channel_type),
