@@ -23,8 +23,12 @@ import math
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from engine.clock import Clock, system_clock
+
+if TYPE_CHECKING:
+    from engine.dispatch.journal import JournalEntry
 
 KEY_PREFIX = "herald:rate:"
 # A bucket refills completely within one second, so after this long idle its key can go.
@@ -34,18 +38,30 @@ EPSILON = 1e-6
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
-# KEYS: the buckets. ARGV[1]: now in integer microseconds (exact in a double, unlike
-# seconds since 1970 as a float, which leaves ~1e-7 s of noise in every refill);
-# ARGV[2..n+1]: each bucket's rate per second; ARGV[n+2]: the idle expiry in ms.
+# KEYS: the buckets, then (optionally) an acceptance journal hash. ARGV[1]: now in
+# integer microseconds (exact in a double, unlike seconds since 1970 as a float, which
+# leaves ~1e-7 s of noise in every refill); ARGV[2]: the idle expiry in ms; ARGV[3]: n,
+# the number of buckets; ARGV[4..n+3]: each bucket's rate per second; then, when the
+# journal key is there, its field, value and expiry in ms. The journal entry is written
+# whether or not the take is granted: it records the previous call's acceptance, which
+# must be durable before the next call (engine.dispatch.journal), and this saves it a
+# round trip of its own.
 # Each bucket is a hash {tokens, ts}. Returns "0" when granted, else the seconds to wait
 # (as a string: Redis would truncate a Lua number to an integer).
 _TAKE_SCRIPT = """
 local now = tonumber(ARGV[1])
+local expire = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+if #KEYS > n then
+  redis.call('HSET', KEYS[n + 1], ARGV[n + 4], ARGV[n + 5])
+  redis.call('PEXPIRE', KEYS[n + 1], tonumber(ARGV[n + 6]))
+end
 local tokens = {}
 local stamps = {}
 local wait = 0
-for i, key in ipairs(KEYS) do
-  local rate = tonumber(ARGV[i + 1])
+for i = 1, n do
+  local key = KEYS[i]
+  local rate = tonumber(ARGV[i + 3])
   local capacity = math.max(1, rate)
   local state = redis.call('HMGET', key, 'tokens', 'ts')
   local level = tonumber(state[1])
@@ -67,10 +83,10 @@ end
 if wait > 0 then
   return string.format('%.17g', wait)
 end
-for i, key in ipairs(KEYS) do
-  redis.call('HSET', key, 'tokens', string.format('%.17g', tokens[i] - 1),
+for i = 1, n do
+  redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', tokens[i] - 1),
              'ts', string.format('%.17g', stamps[i]))
-  redis.call('PEXPIRE', key, tonumber(ARGV[#ARGV]))
+  redis.call('PEXPIRE', KEYS[i], expire)
 end
 return '0'
 """
@@ -88,15 +104,28 @@ class RateLimiter:
         self._memory: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
-    def take(self, buckets: Sequence[tuple[str, float]]) -> float:
+    @property
+    def durable(self) -> bool:
+        """Whether journal entries passed to take() are kept (in Redis)."""
+        return self._script is not None
+
+    def take(
+        self, buckets: Sequence[tuple[str, float]], journal: JournalEntry | None = None
+    ) -> float:
+        """Take one token from every bucket; with `journal`, first write that entry in
+        the same round trip (without Redis there is nowhere durable to write it, and it
+        is dropped: see engine.dispatch.journal)."""
         active = [(key, float(rate)) for key, rate in buckets if rate and rate > 0]
-        if not active:
-            return 0.0  # nothing limited: no Redis round trip at all
+        if self._script is None or (not active and journal is None):
+            if not active:
+                return 0.0  # nothing limited, nothing to record: no round trip at all
+            return self._take_in_memory(active, (self.clock.now() - _EPOCH) // _MICROSECOND)
         now = (self.clock.now() - _EPOCH) // _MICROSECOND
-        if self._script is None:
-            return self._take_in_memory(active, now)
         keys = [KEY_PREFIX + key for key, _ in active]
-        args = [now, *(repr(rate) for _, rate in active), IDLE_EXPIRE_MS]
+        args = [now, IDLE_EXPIRE_MS, len(active), *(repr(rate) for _, rate in active)]
+        if journal is not None:
+            keys.append(journal.key)
+            args += [journal.field, journal.value, journal.ttl_ms]
         return float(self._script(keys=keys, args=args))
 
     def _take_in_memory(self, active: list[tuple[str, float]], now: int) -> float:

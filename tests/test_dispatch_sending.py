@@ -18,6 +18,8 @@ from sqlalchemy import func, select, update
 
 from engine.channels import Channel, channel_for
 from engine.clock import FixedClock
+from engine.dispatch.journal import AcceptanceJournal, journal_key
+from engine.dispatch.reconciliation import reconcile
 from engine.dispatch.sending import CHECKPOINT_EVERY, LEASE_SECONDS, send_batch
 from engine.models import Campaign, CampaignChannel, Contact, Delivery, Suppression, User
 from engine.ratelimit import RateLimiter
@@ -548,3 +550,115 @@ def test_send_batch_task_runs_on_a_real_worker(app, db_session, celery_worker):
         f"null-{i}" for i in scenario.delivery_ids
     ]
     assert assert_counters_match(db_session, scenario) == 5
+
+
+# -- the acceptance journal ----------------------------------------------------------------
+
+
+def test_each_acceptance_is_journaled_before_the_next_call(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    scenario = make_scenario(db_session, "sms", CHECKPOINT_EVERY + 10)
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    journal = AcceptanceJournal(client)
+    key = journal_key(scenario.channel_id)
+    ids = scenario.delivery_ids
+    seen: list[set[str]] = []
+
+    def snapshot(calls: int) -> None:  # right after call `calls` came back
+        seen.append({f.decode() for f in client.hkeys(key)})
+
+    channel = Hooked(channel_for("sms", twilio_sink.settings(settings)), snapshot)
+    report = run(factory, scenario, settings, clock, limiter, channel, journal=journal)
+    assert report.sent == len(ids)
+    for call, fields in enumerate(seen, start=1):
+        # Within a checkpoint every earlier acceptance is in Redis by the time the next
+        # call is made; after a checkpoint the recorded ones are forgotten again.
+        since_checkpoint = ids[((call - 1) // CHECKPOINT_EVERY) * CHECKPOINT_EVERY : call - 1]
+        assert fields == {f"{i}:1" for i in since_checkpoint}, call
+    assert client.exists(key) == 0  # all recorded in PostgreSQL, nothing left behind
+    assert assert_counters_match(db_session, scenario) == len(ids)
+
+
+def _send_then_die(settings, scenario, sink_settings, die_at: int, clock_now) -> None:
+    """A worker process that dies abruptly (no finally, no checkpoint) right after its
+    `die_at`-th provider call came back accepted."""
+    import os
+
+    from sqlalchemy.orm import sessionmaker
+
+    from engine.db import make_engine
+    from engine.dispatch.journal import AcceptanceJournal
+
+    engine = make_engine(settings)
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+
+    def die(calls: int) -> None:
+        if calls == die_at:
+            os._exit(17)  # like SIGKILL: nothing after this line runs
+
+    channel = Hooked(channel_for("sms", sink_settings), die)
+    send_batch(
+        sessionmaker(engine),
+        channel_id=scenario.channel_id,
+        first_id=scenario.delivery_ids[0],
+        last_id=scenario.delivery_ids[-1],
+        settings=settings,
+        clock=FixedClock(clock_now),
+        rate_limiter=RateLimiter(client, FixedClock(clock_now)),
+        channel=channel,
+        journal=AcceptanceJournal(client),
+    )
+    os._exit(0)
+
+
+def test_a_killed_worker_resends_only_the_call_in_flight(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    """Killed mid-checkpoint, a worker has sent 30 messages but recorded none of them in
+    PostgreSQL. Reconciliation records the 29 the journal holds as sent and re-queues
+    the rest; the re-run resends only the 30th, whose acceptance never came back to us
+    in a form we kept, under the same idempotency key."""
+    import multiprocessing
+
+    scenario = make_scenario(db_session, "sms", 40)
+    channel_settings = twilio_sink.settings(settings)
+    child = multiprocessing.get_context("fork").Process(
+        target=_send_then_die,
+        args=(settings, scenario, channel_settings, 30, NOW),
+    )
+    child.start()
+    child.join(60)
+    assert child.exitcode == 17
+    assert len(twilio_sink.accepted()) == 30
+    assert {d.status for d in rows(db_session, scenario)} == {"sending"}
+    assert assert_counters_match(db_session, scenario) == 0
+
+    journal = AcceptanceJournal(redis.Redis.from_url(TEST_REDIS_URL))
+    after_lease = NOW + timedelta(seconds=LEASE_SECONDS + 1)
+    with factory() as session:
+        found = reconcile(session, after_lease, journal=journal)
+        session.commit()
+    for channel_id, recovered in found.recovered:
+        journal.forget(channel_id, recovered)
+    assert [len(recovered) for _, recovered in found.recovered] == [29]
+    assert found.leases_reclaimed == 11
+    statuses = [d.status for d in rows(db_session, scenario)]
+    assert statuses == ["sent"] * 29 + ["queued"] * 11
+    accepted_ids = {r.form["To"]: r.response["sid"] for r in twilio_sink.accepted()}
+    first = rows(db_session, scenario)[0]
+    assert first.provider_message_id == accepted_ids[first.address]
+    assert assert_counters_match(db_session, scenario) == 29
+
+    clock.set(after_lease)
+    report = run(factory, scenario, settings, clock, limiter, channel_for("sms", channel_settings))
+    assert report.sent == 11
+    sends = twilio_sink.accepted()
+    assert len(sends) == 41  # 40 recipients, one resent: the call in flight
+    by_recipient: dict[str, list] = {}
+    for request in sends:
+        by_recipient.setdefault(request.form["To"], []).append(request)
+    (twice,) = [r for r in by_recipient.values() if len(r) == 2]
+    assert twice[0].form["To"] == scenario.contacts[29].phone
+    assert len({r.header("I-Twilio-Idempotency-Token") for r in twice}) == 1
+    assert assert_counters_match(db_session, scenario) == 40

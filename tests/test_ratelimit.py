@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
 
 from engine.clock import FixedClock
+from engine.dispatch.journal import TTL_MS, AcceptanceJournal, acceptance, journal_key
 from engine.ratelimit import RateLimiter, wait_seconds
 from tests.conftest import TEST_REDIS_URL
 
@@ -139,3 +141,30 @@ def test_idle_keys_expire(redis_client):
     assert limiter.take([("campaign:idle", 3.0)]) == 0.0
     ttl = redis_client.pttl("herald:rate:campaign:idle")
     assert 0 < ttl <= 10_000
+
+
+def test_a_journal_entry_rides_on_the_take_granted_or_not(redis_client):
+    limiter = RateLimiter(redis_client, FixedClock(START))
+    channel = uuid.uuid4()
+    bucket = [("provider:sms", 1.0)]
+    assert limiter.take(bucket, journal=acceptance(channel, 7, 1, "SM7")) == 0.0
+    # Denied (the bucket is empty): the entry is written all the same.
+    assert limiter.take(bucket, journal=acceptance(channel, 8, 1, None)) > 0
+    # No bucket limited at all: still one round trip, for the entry.
+    assert limiter.take([("provider:sms", 0.0)], journal=acceptance(channel, 9, 2, "SM9")) == 0.0
+    assert redis_client.hgetall(journal_key(channel)) == {
+        b"7:1": b"SM7",
+        b"8:1": b"",
+        b"9:2": b"SM9",
+    }
+    assert 0 < redis_client.pttl(journal_key(channel)) <= TTL_MS
+    journal = AcceptanceJournal(redis_client)
+    assert journal.accepted(channel, [(7, 1), (8, 1), (9, 1), (10, 1)]) == {7: "SM7", 8: None}
+    journal.forget(channel, [(7, 1), (8, 1), (9, 2)])
+    assert redis_client.exists(journal_key(channel)) == 0
+
+
+def test_without_redis_journal_entries_are_not_kept():
+    limiter = RateLimiter(None, FixedClock(START))
+    assert not limiter.durable
+    assert limiter.take([], journal=acceptance(uuid.uuid4(), 1, 1, "x")) == 0.0

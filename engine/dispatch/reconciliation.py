@@ -5,7 +5,9 @@ leaves its rows in `sending`. Beat runs `reconcile` every few seconds and finds 
 again from the rows themselves:
 
     (a) running campaigns with channels not planned yet     → plan them
-    (b) `sending` rows whose lease expired                  → queued, dispatch again
+    (b) `sending` rows whose lease expired: those the
+        acceptance journal says a provider accepted         → sent (counted)
+        the others                                          → queued, dispatch again
     (c) cancelled campaigns                                 → queued rows cancelled,
                                                               channels done
     (d) queued rows whose retry is due                      → batch them
@@ -35,7 +37,9 @@ from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from engine.dispatch.completion import channel_has_work, complete_finished
+from engine.dispatch.journal import AcceptanceJournal
 from engine.dispatch.planning import BATCH_SIZE, PLANNABLE, Batch, dispatch_queued
+from engine.dispatch.sending import record_recovered_acceptances
 from engine.models import Campaign, CampaignChannel, Delivery
 
 # How long a queued row may wait for the batch task that was enqueued for it before
@@ -53,6 +57,9 @@ class Reconciled:
     campaigns_to_plan: list[uuid.UUID] = field(default_factory=list)
     batches: list[Batch] = field(default_factory=list)
     leases_reclaimed: int = 0
+    # Acceptances recovered from the journal: (channel, [(delivery id, attempts)]),
+    # for the caller to forget once this transaction has committed.
+    recovered: list[tuple[uuid.UUID, list[tuple[int, int]]]] = field(default_factory=list)
     cancelled: int = 0
     completed: list[uuid.UUID] = field(default_factory=list)
 
@@ -65,9 +72,12 @@ def reconcile(
     limit: int = SWEEP_LIMIT,
     batch_size: int = BATCH_SIZE,
     busy_channel_types: Collection[str] = (),
+    journal: AcceptanceJournal | None = None,
 ) -> Reconciled:
     result = Reconciled()
     result.campaigns_to_plan = unplanned_campaigns(session, limit=limit)
+    if journal is not None:
+        result.recovered = recover_acceptances(session, now, journal, limit=limit)
     result.leases_reclaimed = reclaim_expired_leases(session, now, limit=limit)
     result.cancelled = cancel_remaining(session, limit=limit)
     result.batches = dispatch_queued(
@@ -98,6 +108,42 @@ def unplanned_campaigns(session: Session, *, limit: int = SWEEP_LIMIT) -> list[u
         .limit(limit)
     )
     return list(session.scalars(stmt))
+
+
+def recover_acceptances(
+    session: Session, now: datetime, journal: AcceptanceJournal, *, limit: int = SWEEP_LIMIT
+) -> list[tuple[uuid.UUID, list[tuple[int, int]]]]:
+    """(b, first half) A worker killed mid-batch leaves rows in `sending` that a provider
+    already accepted: their acceptance is in the journal (engine.dispatch.journal), not
+    yet in PostgreSQL. Record those as sent, so that (b) re-queues only the rows that
+    were never sent. Rows of one dead batch share its channel and lease; each such group
+    is recorded by the checkpoint's own compare-and-set statement."""
+    expired = session.execute(
+        select(
+            Delivery.campaign_channel_id, Delivery.lease_expires_at, Delivery.id, Delivery.attempts
+        )
+        .where(Delivery.status == "sending", Delivery.lease_expires_at < now)
+        .order_by(Delivery.id)
+        .limit(limit)
+    ).all()
+    groups: dict[tuple[uuid.UUID, datetime], list[tuple[int, int]]] = {}
+    for channel_id, lease, delivery_id, attempts in expired:
+        groups.setdefault((channel_id, lease), []).append((delivery_id, attempts))
+    recovered = []
+    for (channel_id, lease), rows in groups.items():
+        accepted = journal.accepted(channel_id, rows)
+        if not accepted:
+            continue
+        attempts = dict(rows)
+        record_recovered_acceptances(
+            session,
+            channel_id,
+            lease,
+            {(delivery_id, attempts[delivery_id]): pmid for delivery_id, pmid in accepted.items()},
+            now,
+        )
+        recovered.append((channel_id, [(i, attempts[i]) for i in accepted]))
+    return recovered
 
 
 def reclaim_expired_leases(session: Session, now: datetime, *, limit: int = SWEEP_LIMIT) -> int:

@@ -21,12 +21,15 @@ ran out (and someone else claimed again) is never recorded twice, and
 campaign_channels.sent_count grows, in the same statement, by exactly the rows that
 changed to 'sent'.
 
-In flight, i.e. sent but not yet recorded, are at most CHECKPOINT_EVERY messages per
-worker process (the whole batch for a provider that takes batches in one call, like
-`null`). A worker killed mid-batch can therefore cause at most that many resends, each
-with the same idempotency key (d<delivery id>: the SMTP Message-ID, the providers'
-idempotency headers). Recording each acceptance in Redis before the next call would
-bring that down to one message; that is a follow-up.
+Between checkpoints, each acceptance is written to the Redis acceptance journal in the
+same round trip that takes the next message's rate token (engine.dispatch.journal), so
+it is durable before the next provider call. In flight, i.e. called but not recorded
+anywhere, is then at most the one call awaiting its answer per worker process (the
+whole batch for a provider that takes batches in one call, like `null`; a whole
+checkpoint without Redis). A worker killed mid-batch can therefore cause at most that
+many resends, each with the same idempotency key (d<delivery id>: the SMTP Message-ID,
+the providers' idempotency headers): reconciliation records journaled acceptances as
+sent before it takes the rest of an expired lease back.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from engine.channels import Channel, OutboundMessage, SendResult
 from engine.clock import Clock
 from engine.db import session_scope
 from engine.dispatch.backoff import retry_delay
+from engine.dispatch.journal import AcceptanceJournal, JournalEntry, acceptance
 from engine.dispatch.messages import build_message
 from engine.models import Campaign, CampaignChannel, Contact, Delivery, Suppression
 from engine.models.base import UTCDateTime
@@ -123,6 +127,7 @@ def send_batch(
     lease_seconds: float = LEASE_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
     rng: Callable[[], float] = random.random,
+    journal: AcceptanceJournal | None = None,
 ) -> BatchReport:
     """Send the channel's due queued deliveries with first_id <= id <= last_id.
 
@@ -145,6 +150,7 @@ def send_batch(
         _send(
             session_factory, batch, compiled, claimed, contacts, settings, clock,
             rate_limiter, channel, lease_seconds, sleep, rng,
+            journal if rate_limiter.durable else None,
         )  # fmt: skip
     c = batch.counts
     return BatchReport(
@@ -282,23 +288,50 @@ def _send(
     lease_seconds: float,
     sleep: Callable[[float], None],
     rng: Callable[[], float],
+    journal: AcceptanceJournal | None,
 ) -> None:
     remaining = list(claimed)  # claimed rows not yet recorded nor handed back
     pending: list[tuple[_Claimed, SendResult]] = []  # answered, not yet recorded
+    unjournaled: JournalEntry | None = None  # the last acceptance, not yet in Redis
 
     def take_token() -> None:
-        while (wait := rate_limiter.take(batch.buckets)) > 0:
+        # One round trip journals the previous call's acceptance and takes this call's
+        # token: the acceptance is durable before the next provider call.
+        nonlocal unjournaled
+        entry, unjournaled = unjournaled, None
+        while (wait := rate_limiter.take(batch.buckets, journal=entry)) > 0:
+            entry = None  # the denied take wrote it already
             sleep(wait_seconds(wait))
 
     def attempt(row: _Claimed, send: bool) -> OutboundMessage | None:
+        nonlocal unjournaled
         message = _message(compiled, row, contacts, settings)
         if isinstance(message, SendResult):  # nothing sendable: fails without a call
             pending.append((row, message))
             return None
         take_token()
         if send:
-            pending.append((row, channel.send(message)))
+            result = channel.send(message)
+            pending.append((row, result))
+            if journal is not None and result.outcome == "sent":
+                unjournaled = acceptance(
+                    batch.channel_id, row.id, row.attempts, result.provider_message_id
+                )
         return message
+
+    def forget(recorded: list[tuple[_Claimed, SendResult]]) -> None:
+        """Recorded in PostgreSQL: the journal entries have served their purpose."""
+        nonlocal unjournaled
+        unjournaled = None
+        if journal is None:
+            return
+        try:
+            journal.forget(
+                batch.channel_id,
+                [(r.id, r.attempts) for r, res in recorded if res.outcome == "sent"],
+            )
+        except Exception:  # Redis down: a stale entry matches no later claim; it expires
+            log.warning("could not clear %d journal entries", len(recorded), exc_info=True)
 
     try:
         if channel.accepts_batch:
@@ -322,12 +355,14 @@ def _send(
             except BaseException:
                 batch.lease = lease  # rolled back: the rows still carry the old lease
                 raise
+            forget(pending)
             pending, remaining = [], rest
     finally:
         # Normal end, or an exception (a provider bug, Redis down, the soft time limit):
         # record what the providers answered and hand back what was never attempted.
         if pending or remaining:
             _settle(session_factory, batch, pending, remaining, clock.now(), rng)
+            forget(pending)
 
 
 def _checkpoint(
@@ -517,6 +552,37 @@ def _record(
     _drop_invalid_push_tokens(session, batch, results)
     if any(result.outcome != "sent" for _, result in results):
         _check_error_threshold(session, batch)
+
+
+def record_recovered_acceptances(
+    session: Session,
+    channel_id: uuid.UUID,
+    lease: datetime,
+    accepted: dict[tuple[int, int], str | None],
+    now: datetime,
+) -> int:
+    """Record as sent the rows of one dead batch (one channel, one lease) that the
+    acceptance journal says a provider accepted: {(delivery id, attempts): provider
+    message id}. The same statement and compare-and-set as a live batch's checkpoint,
+    so sent_count grows by exactly the rows that changed, and a row the worker did
+    record after all is left alone. Returns how many became sent."""
+    batch = _Batch(
+        channel_id=channel_id,
+        campaign_id=channel_id,  # unused: only failures consult the campaign
+        user_id=channel_id,
+        channel_type="",
+        max_attempts=0,
+        error_threshold={},
+        buckets=[],
+        lease=lease,
+        dialect=session.get_bind().dialect.name,
+    )
+    results = [
+        (_Claimed(delivery_id, None, None, attempts), SendResult(delivery_id, "sent", pmid))
+        for (delivery_id, attempts), pmid in accepted.items()
+    ]
+    _record(session, batch, results, now, random.random)
+    return batch.counts.get("sent", 0)
 
 
 def _stored_timestamp(value: datetime, batch: _Batch) -> str:

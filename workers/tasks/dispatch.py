@@ -23,6 +23,7 @@ from engine.dispatch.promotion import promote_due
 from engine.dispatch.reconciliation import reconcile
 from engine.settings import CHANNELS, get_settings
 from workers.db import task_session
+from workers.tasks.sending import acceptance_journal
 
 log = logging.getLogger("herald.dispatch")
 
@@ -111,13 +112,20 @@ def busy_channel_types() -> set[str]:
 def reconcile_task() -> dict[str, int]:
     busy = busy_channel_types()
     grace = timedelta(seconds=get_settings().dispatch_grace)
+    journal = acceptance_journal()
     with task_session() as session:
-        found = reconcile(session, system_clock.now(), grace=grace, busy_channel_types=busy)
+        found = reconcile(
+            session, system_clock.now(), grace=grace, busy_channel_types=busy, journal=journal
+        )
+    if journal is not None:  # committed: the recovered entries have served
+        for channel_id, rows in found.recovered:
+            journal.forget(channel_id, rows)
     enqueue_planning(found.campaigns_to_plan)
     enqueue_batches(found.batches)
     summary = {
         "campaigns_to_plan": len(found.campaigns_to_plan),
         "batches": len(found.batches),
+        "acceptances_recovered": sum(len(rows) for _, rows in found.recovered),
         "leases_reclaimed": found.leases_reclaimed,
         "cancelled": found.cancelled,
         "completed": len(found.completed),

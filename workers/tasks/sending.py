@@ -19,6 +19,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from engine.channels import Channel, channel_for
 from engine.clock import system_clock
+from engine.dispatch.journal import AcceptanceJournal
 from engine.dispatch.sending import send_batch
 from engine.ratelimit import RateLimiter
 from engine.settings import get_settings
@@ -30,6 +31,7 @@ log = logging.getLogger("herald.sending")
 # type, reused by every batch the process runs; closed when the process stops.
 _channels: dict[str, Channel] = {}
 _limiter: RateLimiter | None = None
+_redis: redis.Redis | None = None
 
 
 def channel(channel_type: str) -> Channel:
@@ -38,21 +40,33 @@ def channel(channel_type: str) -> Channel:
     return _channels[channel_type]
 
 
+def _redis_client() -> redis.Redis | None:
+    global _redis
+    if _redis is None and get_settings().redis_url:
+        _redis = redis.Redis.from_url(get_settings().redis_url)
+    return _redis
+
+
 def rate_limiter() -> RateLimiter:
     global _limiter
     if _limiter is None:
-        settings = get_settings()
-        client = redis.Redis.from_url(settings.redis_url) if settings.redis_url else None
-        _limiter = RateLimiter(client, system_clock)
+        _limiter = RateLimiter(_redis_client(), system_clock)
     return _limiter
+
+
+def acceptance_journal() -> AcceptanceJournal | None:
+    """The Redis acceptance journal; None for the embedded default (no Redis)."""
+    client = _redis_client()
+    return AcceptanceJournal(client) if client is not None else None
 
 
 @worker_process_init.connect
 def _forget_inherited_connections(**_kwargs) -> None:
     # A connection opened before the fork would be shared with the parent.
-    global _limiter
+    global _limiter, _redis
     _channels.clear()
     _limiter = None
+    _redis = None
 
 
 @worker_process_shutdown.connect
@@ -77,6 +91,7 @@ def run_batch(channel_type: str, channel_id: str, first_id: int, last_id: int) -
         clock=system_clock,
         rate_limiter=rate_limiter(),
         channel=channel(channel_type),
+        journal=acceptance_journal(),
     )
     log.info("%s batch %s [%s-%s]: %s", channel_type, channel_id, first_id, last_id, report)
     return report.__dict__
