@@ -6,6 +6,8 @@ left them, so each test knows exactly what the endpoints must answer.
 
 from __future__ import annotations
 
+import csv
+import io
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -149,6 +151,60 @@ def test_deliveries_filter_by_status_and_channel(client, alice, db_session, camp
     assert ids("status=failed&channel=email") == sorted(email_failed, reverse=True)
     assert ids("channel=sms") == sms_failed
     assert ids("status=queued") == []
+
+
+def test_deliveries_export_as_csv_streams_the_whole_filtered_log(
+    client, alice, bob, db_session, campaign
+):
+    email = channel_of(db_session, campaign, "email")
+    sms = channel_of(db_session, campaign, "sms")
+    sent = add_deliveries(
+        db_session, email, alice["id"], [{"status": "sent", "sent_at": T0} for _ in range(3)]
+    )
+    (failed,) = add_deliveries(
+        db_session,
+        email,
+        alice["id"],
+        [{"status": "failed", "last_error": '550 "no", such user,\nreally', "attempts": 2}],
+    )
+    (hostile,) = add_deliveries(
+        db_session, sms, alice["id"], [{"status": "failed", "address": "=HYPERLINK(1)"}]
+    )
+    url = f"{API}/{campaign.id}/deliveries?format=csv"
+
+    response = client.get(url, headers=alice["headers"])
+    assert response.status_code == 200
+    assert response.mimetype == "text/csv"
+    assert "attachment" in response.headers["Content-Disposition"]
+    assert response.is_streamed
+    rows = list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+    assert [int(r["id"]) for r in rows] == [*sent, failed, hostile]  # oldest first, all
+    by_id = {int(r["id"]): r for r in rows}
+    assert by_id[failed]["last_error"] == '550 "no", such user,\nreally'  # quoted intact
+    assert by_id[failed]["attempts"] == "2"
+    assert by_id[sent[0]]["sent_at"] == T0.isoformat()
+    assert by_id[hostile]["address"] == "'=HYPERLINK(1)"  # never evaluated as a formula
+    assert by_id[hostile]["channel"] == "sms"
+
+    filtered = client.get(f"{url}&status=failed&channel=email", headers=alice["headers"])
+    assert [int(r["id"]) for r in csv.DictReader(io.StringIO(filtered.get_data(as_text=True)))] == [
+        failed
+    ]
+    assert_error(client.get(url, headers=bob["headers"]), 404, "not_found")
+    assert_error(
+        client.get(f"{url[:-3]}xml", headers=alice["headers"]), 422, "validation_error", "format"
+    )
+
+
+def test_deliveries_csv_export_reads_in_chunks(db_session, alice, campaign):
+    from engine.services.deliveries import deliveries_select, iter_deliveries
+
+    email = channel_of(db_session, campaign, "email")
+    created = add_deliveries(db_session, email, alice["id"], [{} for _ in range(7)])
+    stmt = deliveries_select(db_session, alice["id"], campaign.id)
+    chunks = list(iter_deliveries(db_session, stmt, chunk_size=3))
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert [row.id for chunk in chunks for row in chunk] == created
 
 
 def test_deliveries_pages_with_a_cursor_without_repeats_or_gaps(

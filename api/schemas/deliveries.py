@@ -18,6 +18,14 @@ from engine.services.test_send import MAX_TEST_CONTACTS
 class DeliveryListArgs(PageArgs):
     status = fields.String(load_default=None, validate=validate.OneOf(DELIVERY_STATUSES))
     channel = fields.String(load_default=None, validate=validate.OneOf(CHANNEL_TYPES))
+    format = fields.String(
+        load_default="json",
+        validate=validate.OneOf(["json", "csv"]),
+        metadata={
+            "description": "csv: the whole filtered log, oldest first, streamed as text/csv"
+            " (limit and cursor are ignored)"
+        },
+    )
 
 
 class DeliveryOut(Schema):

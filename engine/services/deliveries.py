@@ -8,6 +8,7 @@ deliveries, and a retry is one UPDATE however many rows failed.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -71,6 +72,23 @@ def deliveries_select(
     if channel is not None:
         stmt = stmt.where(CampaignChannel.channel_type == channel)
     return stmt
+
+
+def iter_deliveries(
+    session: Session, stmt: Select, *, chunk_size: int = 5000
+) -> Iterator[Sequence[Any]]:
+    """The whole of a deliveries_select, oldest first, in chunks: each chunk is one
+    keyset query (id > last id, on the primary key), so an export of millions of rows
+    holds one chunk in memory and never re-reads skipped rows as OFFSET would."""
+    last_id = 0
+    while True:
+        rows = session.execute(
+            stmt.where(Delivery.id > last_id).order_by(Delivery.id).limit(chunk_size)
+        ).all()
+        if not rows:
+            return
+        yield rows
+        last_id = rows[-1].id
 
 
 # -- stats ------------------------------------------------------------------------------
