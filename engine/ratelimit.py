@@ -11,8 +11,12 @@ by a little; a `now` older than a bucket's last update simply refills nothing.
 
 A bucket holds at most one second's worth of tokens (max(1, rate)): after an idle
 spell a burst is at most one second of traffic, so any window of T seconds grants at
-most rate * T + capacity. Idle keys expire on their own (a full bucket and a missing
-one are the same thing).
+most rate * T + capacity. A bucket that does not exist yet starts EMPTY, not full: a
+campaign launched onto idle workers would otherwise open with a one-second burst, and
+its first 10 s would run 10 % over the limit. Under steady load a bucket never fills
+(every token is taken as it comes), so the rate over any 10 s window stays at the
+limit; it fills only while nobody asks, and then pays back the lull. Idle keys expire
+on their own: an expired bucket starts empty again, the cautious choice.
 
 Without Redis (the embedded default, one worker) the same arithmetic runs in memory.
 """
@@ -58,6 +62,7 @@ if #KEYS > n then
 end
 local tokens = {}
 local stamps = {}
+local born = {}
 local wait = 0
 for i = 1, n do
   local key = KEYS[i]
@@ -67,8 +72,9 @@ for i = 1, n do
   local level = tonumber(state[1])
   local ts = tonumber(state[2])
   if level == nil or ts == nil then
-    level = capacity
+    level = 0
     ts = now
+    born[i] = true
   end
   if now > ts then
     level = math.min(capacity, level + (now - ts) / 1e6 * rate)
@@ -81,6 +87,14 @@ for i = 1, n do
   end
 end
 if wait > 0 then
+  -- Denied: nothing is debited, but a bucket met for the first time starts filling
+  -- from now (else every ask would find it new, and empty, again).
+  for i = 1, n do
+    if born[i] then
+      redis.call('HSET', KEYS[i], 'tokens', '0', 'ts', string.format('%.17g', now))
+      redis.call('PEXPIRE', KEYS[i], expire)
+    end
+  end
   return string.format('%.17g', wait)
 end
 for i = 1, n do
@@ -135,7 +149,7 @@ class RateLimiter:
             wait = 0.0
             for key, rate in active:
                 capacity = max(1.0, rate)
-                level, ts = self._memory.get(key, (capacity, now))
+                level, ts = self._memory.setdefault(key, (0.0, now))
                 if now > ts:
                     level, ts = min(capacity, level + (now - ts) / 1e6 * rate), now
                 levels.append((key, level, ts))

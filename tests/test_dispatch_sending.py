@@ -233,9 +233,9 @@ def test_rate_limit_spaces_the_sends(factory, db_session, settings, clock, limit
         factory, scenario, settings, clock, limiter, channel_for("sms", settings), sleeps=sleeps
     )
     assert report.sent == 12
-    # 5 tokens at once (one second's worth), then one every 0.2 s.
-    assert sleeps == [pytest.approx(0.2)] * 7
-    assert clock.now() - NOW == pytest.approx(timedelta(seconds=1.4), abs=timedelta(0.001))
+    # A new bucket starts empty (no opening burst): one token every 0.2 s from the start.
+    assert sleeps == [pytest.approx(0.2)] * 12
+    assert clock.now() - NOW == pytest.approx(timedelta(seconds=2.4), abs=timedelta(0.001))
     assert assert_counters_match(db_session, scenario) == 12
 
 

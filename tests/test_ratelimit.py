@@ -44,10 +44,27 @@ def advance(clock: FixedClock, seconds: float) -> None:
     clock.set(clock.now() + timedelta(seconds=seconds))
 
 
-def test_capacity_is_one_second_then_the_wait_is_one_token(make_limiter):
+def primed(limiter: RateLimiter, clock: FixedClock, *buckets) -> RateLimiter:
+    """Meet the buckets, then stay idle long enough for them to fill: one second's worth."""
+    limiter.take(list(buckets))
+    advance(clock, 60)
+    return limiter
+
+
+def test_a_new_bucket_starts_empty_so_a_launch_does_not_burst(make_limiter):
     clock = FixedClock(START)
     limiter = make_limiter(clock)
     bucket = [("provider:sms", 10.0)]
+    assert limiter.take(bucket) == pytest.approx(0.1)
+    advance(clock, 0.1)  # the denied first ask started the bucket filling
+    assert limiter.take(bucket) == 0.0
+    assert limiter.take(bucket) == pytest.approx(0.1)
+
+
+def test_capacity_is_one_second_then_the_wait_is_one_token(make_limiter):
+    clock = FixedClock(START)
+    bucket = [("provider:sms", 10.0)]
+    limiter = primed(make_limiter(clock), clock, *bucket)
     assert [limiter.take(bucket) for _ in range(10)] == [0.0] * 10
     assert limiter.take(bucket) == pytest.approx(0.1)
     advance(clock, 0.05)
@@ -59,8 +76,8 @@ def test_capacity_is_one_second_then_the_wait_is_one_token(make_limiter):
 
 def test_refill_never_exceeds_capacity(make_limiter):
     clock = FixedClock(START)
-    limiter = make_limiter(clock)
     bucket = [("provider:email", 5.0)]
+    limiter = primed(make_limiter(clock), clock, *bucket)
     for _ in range(5):
         assert limiter.take(bucket) == 0.0
     advance(clock, 60)  # a long idle spell refills one second's worth, not sixty
@@ -70,16 +87,16 @@ def test_refill_never_exceeds_capacity(make_limiter):
 
 def test_slow_rate_still_holds_one_token(make_limiter):
     clock = FixedClock(START)
-    limiter = make_limiter(clock)
     bucket = [("campaign:slow", 0.5)]
+    limiter = primed(make_limiter(clock), clock, *bucket)
     assert limiter.take(bucket) == 0.0
     assert limiter.take(bucket) == pytest.approx(2.0)
 
 
 def test_buckets_are_taken_together_or_not_at_all(make_limiter):
     clock = FixedClock(START)
-    limiter = make_limiter(clock)
     provider, campaign = ("provider:email", 100.0), ("campaign:c1", 2.0)
+    limiter = primed(make_limiter(clock), clock, provider, campaign)
     assert limiter.take([provider, campaign]) == 0.0
     assert limiter.take([provider, campaign]) == 0.0
     # The campaign bucket is empty: the provider bucket must not be debited either.
@@ -97,7 +114,8 @@ def test_unlimited_buckets_are_skipped(make_limiter):
 @pytest.mark.parametrize("rate", [7.0, 50.0, 1000.0])
 def test_ten_second_window_stays_within_five_percent(make_limiter, rate):
     """Two workers (two limiters on one store) ask as fast as they may for 10 s of
-    simulated time; together they get rate * 10 plus at most the initial capacity."""
+    simulated time; together they get rate * 10: no opening burst, since a new bucket
+    starts empty."""
     clock = FixedClock(START)
     workers = [make_limiter(clock), make_limiter(clock)]
     end = START + timedelta(seconds=10)
@@ -110,13 +128,14 @@ def test_ten_second_window_stays_within_five_percent(make_limiter, rate):
             granted += 1
         else:
             advance(clock, wait_seconds(wait))
-    expected = rate * 10 + max(1.0, rate)  # steady rate plus the first second's burst
-    assert abs(granted - expected) <= 0.05 * rate * 10
+    expected = rate * 10
+    assert abs(granted - expected) <= 0.05 * expected
     assert granted <= expected + 1
 
 
 def test_threads_sharing_a_redis_bucket_never_exceed_its_budget(redis_client):
     clock = FixedClock(START)
+    primed(RateLimiter(redis_client, clock), clock, ("provider:email", 25.0))
     granted = []
     lock = threading.Lock()
     barrier = threading.Barrier(8)
@@ -137,16 +156,18 @@ def test_threads_sharing_a_redis_bucket_never_exceed_its_budget(redis_client):
 
 
 def test_idle_keys_expire(redis_client):
-    limiter = RateLimiter(redis_client, FixedClock(START))
+    clock = FixedClock(START)
+    limiter = primed(RateLimiter(redis_client, clock), clock, ("campaign:idle", 3.0))
     assert limiter.take([("campaign:idle", 3.0)]) == 0.0
     ttl = redis_client.pttl("herald:rate:campaign:idle")
     assert 0 < ttl <= 10_000
 
 
 def test_a_journal_entry_rides_on_the_take_granted_or_not(redis_client):
-    limiter = RateLimiter(redis_client, FixedClock(START))
-    channel = uuid.uuid4()
+    clock = FixedClock(START)
     bucket = [("provider:sms", 1.0)]
+    limiter = primed(RateLimiter(redis_client, clock), clock, *bucket)
+    channel = uuid.uuid4()
     assert limiter.take(bucket, journal=acceptance(channel, 7, 1, "SM7")) == 0.0
     # Denied (the bucket is empty): the entry is written all the same.
     assert limiter.take(bucket, journal=acceptance(channel, 8, 1, None)) > 0
