@@ -181,3 +181,60 @@ def test_the_link_is_public_and_documented(client):
     assert set(operations) >= {"get", "post"}
     assert "security" not in operations["post"]
     assert "text/html" in operations["get"]["responses"]["200"]["content"]
+
+
+# -- per-channel choices ---------------------------------------------------------------
+
+
+def test_the_page_offers_every_channel_of_the_contact_with_its_own_ticked(client, settings, sent):
+    page = client.get(link(settings, sent["sms"])).get_data(as_text=True)
+    assert 'name="form" value="choices"' in page
+    assert 'name="channels" value="sms" checked' in page
+    assert 'name="channels" value="email">' in page  # offered, not ticked
+    assert 'value="push"' not in page and 'value="whatsapp"' not in page  # no address
+    assert "ann@example.com" not in page.lower() and "5550001234" not in page
+
+
+def test_choosing_channels_suppresses_each_ticked_address(
+    client, settings, db_session, alice, sent
+):
+    response = client.post(
+        link(settings, sent["sms"]),
+        data={"form": "choices", "channels": ["email", "sms", "push"]},  # push: no address
+    )
+    assert response.status_code == 200
+    page = response.get_data(as_text=True)
+    assert "You are unsubscribed" in page and "Email" in page and "SMS" in page
+    assert suppressions(db_session) == [
+        (alice["id"], "email", "ann@example.com", "unsubscribe"),
+        (alice["id"], "sms", "+15550001234", "unsubscribe"),
+    ]
+    # Both done: the page now says so and offers nothing more.
+    again = client.get(link(settings, sent["email"])).get_data(as_text=True)
+    assert "You are unsubscribed" in again and 'name="form"' not in again
+
+
+def test_nothing_ticked_changes_nothing(client, settings, db_session, sent):
+    response = client.post(link(settings, sent["email"]), data={"form": "choices"})
+    assert response.status_code == 200
+    assert "Nothing changed" in response.get_data(as_text=True)
+    assert suppressions(db_session) == []
+
+
+def test_an_unsubscribed_channel_shows_as_such_and_the_rest_stay_offered(
+    client, settings, db_session, alice, sent
+):
+    client.post(link(settings, sent["email"]), data=ONE_CLICK)
+    page = client.get(link(settings, sent["email"])).get_data(as_text=True)
+    assert "You are unsubscribed" in page
+    assert "Email (unsubscribed)" in page
+    assert 'name="channels" value="sms">' in page  # still offered, not ticked
+
+
+def test_an_unknown_channel_choice_is_a_422(client, settings, db_session, sent):
+    response = client.post(
+        link(settings, sent["email"]), data={"form": "choices", "channels": ["fax"]}
+    )
+    assert response.status_code == 422
+    assert "channels[0]" in response.get_json()["error"]["fields"]
+    assert suppressions(db_session) == []

@@ -107,7 +107,9 @@ class RetryFailedOut(Schema):
 
 
 class OneClickArgs(Schema):
-    """RFC 8058's body; an empty body is accepted too, and other form fields ignored."""
+    """RFC 8058's body (`List-Unsubscribe=One-Click`; an empty body is accepted too):
+    this message's channel only. The page's own form sends `form=choices` and one
+    `channels` field per ticked channel instead. Other form fields are ignored."""
 
     class Meta:
         unknown = EXCLUDE
@@ -116,6 +118,12 @@ class OneClickArgs(Schema):
         data_key="List-Unsubscribe",
         load_default=None,
         validate=validate.OneOf(["One-Click"]),
+    )
+    form = fields.String(load_default=None, validate=validate.OneOf(["choices"]))
+    channels = fields.List(
+        fields.String(validate=validate.OneOf(CHANNEL_TYPES)),
+        load_default=list,
+        validate=validate.Length(max=len(CHANNEL_TYPES)),
     )
 
 

@@ -8,18 +8,18 @@ deliveries, and a retry is one UPDATE however many rows failed.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, exists, func, select, update
+from sqlalchemy import Select, case, exists, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from engine.db import insert_ignoring_conflicts
 from engine.errors import InvalidTransition, NotFound
-from engine.models import Campaign, CampaignChannel, Delivery, Suppression
-from engine.models.enums import DELIVERY_STATUSES
+from engine.models import Campaign, CampaignChannel, Contact, Delivery, Suppression
+from engine.models.enums import CHANNEL_TYPES, DELIVERY_STATUSES
 from engine.services.campaigns import get_campaign
 from engine.settings import Settings
 from engine.unsubscribe import delivery_of
@@ -242,6 +242,16 @@ class UnsubscribeTarget:
     user_id: uuid.UUID
     channel: str
     address: str | None
+    contact_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class ChannelChoice:
+    """One line of the unsubscribe page: a channel this contact can be reached on."""
+
+    channel: str
+    address: str
+    unsubscribed: bool
 
 
 def _stored_address(channel: str, address: str) -> str:
@@ -257,7 +267,13 @@ def unsubscribe_target(session: Session, settings: Settings, token: str) -> Unsu
     row = None
     if delivery_id is not None and 1 <= delivery_id < 2**63:
         row = session.execute(
-            select(Delivery.id, Campaign.user_id, CampaignChannel.channel_type, Delivery.address)
+            select(
+                Delivery.id,
+                Campaign.user_id,
+                CampaignChannel.channel_type,
+                Delivery.address,
+                Delivery.contact_id,
+            )
             .join(CampaignChannel, CampaignChannel.id == Delivery.campaign_channel_id)
             .join(Campaign, Campaign.id == CampaignChannel.campaign_id)
             .where(Delivery.id == delivery_id)
@@ -270,6 +286,7 @@ def unsubscribe_target(session: Session, settings: Settings, token: str) -> Unsu
         user_id=row.user_id,
         channel=row.channel_type,
         address=_stored_address(row.channel_type, address) if address else None,
+        contact_id=row.contact_id,
     )
 
 
@@ -292,14 +309,63 @@ def is_unsubscribed(session: Session, target: UnsubscribeTarget) -> bool:
     )
 
 
-def unsubscribe(session: Session, settings: Settings, token: str) -> UnsubscribeTarget:
-    """Suppress the token's address on its channel for its campaign's owner.
+def channel_choices(session: Session, target: UnsubscribeTarget) -> list[ChannelChoice]:
+    """The channels the page offers: the message's own (at the address it went to),
+    then every other channel the contact has an address on today, each with whether
+    it is unsubscribed already. Addresses are what suppressions store (push: the
+    contact id, as planning addresses push)."""
+    addresses: dict[str, str] = {}
+    if target.address is not None:
+        addresses[target.channel] = target.address
+    contact = session.get(Contact, target.contact_id) if target.contact_id else None
+    if contact is not None:
+        current = {
+            "email": contact.email,
+            "sms": contact.phone,
+            "whatsapp": contact.whatsapp,
+            "push": str(contact.id) if contact.push_tokens else None,
+        }
+        for channel in CHANNEL_TYPES:
+            if current[channel] and channel not in addresses:
+                addresses[channel] = _stored_address(channel, current[channel])
+    if not addresses:
+        return []
+    stored = case(
+        (Suppression.channel == "email", func.lower(Suppression.address)),
+        else_=Suppression.address,
+    )
+    suppressed = set(
+        session.execute(
+            select(Suppression.channel, stored).where(
+                Suppression.user_id == target.user_id,
+                tuple_(Suppression.channel, stored).in_(list(addresses.items())),
+            )
+        ).all()
+    )
+    return [
+        ChannelChoice(channel, address, (channel, address) in suppressed)
+        for channel, address in addresses.items()
+    ]
+
+
+def unsubscribe(
+    session: Session, settings: Settings, token: str, channels: Collection[str] | None = None
+) -> tuple[UnsubscribeTarget, list[str]]:
+    """Suppress, for the campaign's owner, the token's address on its channel
+    (`channels` None: RFC 8058 one-click), or the contact's addresses on the chosen
+    `channels` (the page's form; channels the contact has no address on are ignored).
+    Returns the target and the channels now unsubscribed by this request's choice.
 
     Idempotent under any concurrency: the unique key (user_id, channel, address) with
-    ON CONFLICT DO NOTHING means repeated or simultaneous clicks leave one row.
+    ON CONFLICT DO NOTHING means repeated or simultaneous clicks leave one row each.
     """
     target = unsubscribe_target(session, settings, token)
-    if target.address is not None:
+    if channels is None:
+        chosen = {target.channel: target.address} if target.address is not None else {}
+    else:
+        offered = {c.channel: c.address for c in channel_choices(session, target)}
+        chosen = {c: offered[c] for c in CHANNEL_TYPES if c in channels and c in offered}
+    if chosen:
         insert_ignoring_conflicts(
             session,
             Suppression.__table__,
@@ -307,11 +373,12 @@ def unsubscribe(session: Session, settings: Settings, token: str) -> Unsubscribe
                 {
                     "id": uuid.uuid4(),
                     "user_id": target.user_id,
-                    "channel": target.channel,
-                    "address": target.address,
+                    "channel": channel,
+                    "address": address,
                     "reason": "unsubscribe",
                 }
+                for channel, address in chosen.items()
             ],
             index_elements=["user_id", "channel", "address"],
         )
-    return target
+    return target, list(chosen)
