@@ -14,6 +14,7 @@ from engine.campaigns.templates import (
     TemplateRenderError,
     compile_template,
     contact_context,
+    plain_template,
     render_template,
     template_problems,
 )
@@ -313,3 +314,98 @@ def test_template_errors_are_checked_on_update_too(client, alice, db_session):
     assert error["fields"] == {"config.body": ["unknown variable 'contact.nickname'"]}
     unchanged = client.get(url, headers=alice["headers"]).get_json()
     assert unchanged["config"] == channel["config"]
+
+
+# -- the fast path ------------------------------------------------------------------
+
+
+PLAIN_SOURCES = [
+    "",
+    "Spring is here.",
+    "Hi {{ contact.first_name }}, {{ campaign.name }}",
+    "Hi {{contact['first_name']}}!\r\nBye {{- contact.last_name -}} .\n",
+    "<p>{{ contact.first_name }} &amp; {{ campaign.name }} {{ unsubscribe_url }}</p>",
+    "{{ contact.id }}|{{ contact.email }}|{{ contact.push_tokens }}|{{ contact.created_at }}",
+    "{{ contact.consent.email }}/{{ contact.consent['sms'] }}|{{ campaign.description }}",
+    "{{ contact.attributes.tier }}|{{ contact.attributes['loyalty-points'] }}|"
+    "{{ contact.attributes.missing }}|{{ contact.attributes.address }}|{{ contact.attributes.n }}",
+    "{% raw %}{{ not a lookup }}{% endraw %} {# a comment #}{{ contact.locale }}",
+]
+JINJA_SOURCES = [
+    "{{ contact.first_name|upper }}",
+    "{% if contact.attributes.vip %}VIP{% endif %}",
+    "{{ contact.attributes.address.city }}",
+    "{{ contact.first_name or 'there' }}",
+    "{{ 'literal' }}",
+    "{{ contact }}",
+    "{{ contact.attributes }}",
+    "{{ contact.consent }}",
+    "{% for t in contact.push_tokens %}{{ t }}{% endfor %}",
+    "{{ contact.created_at.year }}",
+]
+CONTACTS = [
+    a_contact(),
+    a_contact(
+        first_name="Ada <b>",
+        last_name="O'Neil & co",
+        email="ada@example.com",
+        locale="nb",
+        push_tokens=["t1", "<t2>"],
+        created_at=datetime(2030, 1, 2, tzinfo=UTC),
+        consent_sms=True,
+        attributes={
+            "tier": "<gold>",
+            "loyalty-points": 12,
+            "address": {"city": "Oslo", "zip": None},
+            "n": None,
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize("source", PLAIN_SOURCES)
+@pytest.mark.parametrize("html", [False, True])
+def test_plain_templates_render_exactly_as_jinja(source, html):
+    plain = plain_template(source, html=html)
+    assert plain is not None
+    campaign = {"id": "1", "name": "Spring <sale>", "description": None}
+    for contact in CONTACTS:
+        context = {
+            "contact": contact_context(contact),
+            "campaign": campaign,
+            "unsubscribe_url": "https://herald.test/u/a&b",
+        }
+        expected = render_template(compile_template(source, html=html), context, "body")
+        assert plain.render(contact, campaign, "https://herald.test/u/a&b") == expected
+
+
+@pytest.mark.parametrize("source", JINJA_SOURCES)
+def test_anything_but_plain_lookups_keeps_jinja(source):
+    assert template_problems(source) == []
+    assert plain_template(source) is None
+
+
+def test_a_compiled_channel_reads_only_the_columns_its_templates_name():
+    compiled = CompiledChannel.compile(
+        "email",
+        {"subject": "Hi {{ contact.first_name }}", "html": "{{ contact.consent.sms }}"},
+        CAMPAIGN,
+    )
+    assert compiled.contact_columns == {"first_name", "consent_sms"}
+    assert not compiled.shows_unsubscribe_url
+    row = SimpleNamespace(first_name="Ada", consent_sms=True)  # nothing else fetched
+    assert compiled.render(row) == {"subject": "Hi Ada", "html": "True"}
+
+    mixed = CompiledChannel.compile(
+        "sms", {"body": "{{ contact.first_name|upper }} {{ unsubscribe_url }}"}, CAMPAIGN
+    )
+    assert mixed.contact_columns >= {"id", "attributes", "consent_email", "first_name"}
+    assert mixed.shows_unsubscribe_url
+    assert mixed.render(a_contact(first_name="ada"), unsubscribe_url="u") == {"body": "ADA u"}
+
+
+def test_a_plain_template_failing_on_odd_data_names_its_field():
+    compiled = CompiledChannel.compile("sms", {"body": "{{ contact.attributes.x }}"}, CAMPAIGN)
+    with pytest.raises(TemplateRenderError) as caught:
+        compiled.render(a_contact(attributes=["not", "an", "object"]))
+    assert caught.value.field == "body"
