@@ -4,12 +4,14 @@ one-click on POST, one suppression however often or concurrently it is clicked."
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
+from itsdangerous import URLSafeSerializer
 from sqlalchemy import select, update
 
 from engine.models import CampaignChannel, Delivery, Suppression
-from engine.unsubscribe import unsubscribe_token
+from engine.unsubscribe import SALT, delivery_of, unsubscribe_token, unsubscribe_url
 from tests.campaigns_fixtures import insert_campaign, insert_contact
 
 ONE_CLICK = {"List-Unsubscribe": "One-Click"}
@@ -238,3 +240,40 @@ def test_an_unknown_channel_choice_is_a_422(client, settings, db_session, sent):
     assert response.status_code == 422
     assert "channels[0]" in response.get_json()["error"]["fields"]
     assert suppressions(db_session) == []
+
+
+# -- the token itself --------------------------------------------------------------------
+
+
+def test_a_token_names_its_delivery_and_verifies(settings):
+    token = unsubscribe_token(settings, 42)
+    assert token.startswith("42.") and len(token) == len("42.") + 22
+    assert delivery_of(settings, token) == 42
+    assert unsubscribe_url(settings, 42) == f"{settings.public_base_url}/u/{token}"
+    assert unsubscribe_token(settings, 42) == token  # deterministic: one link per delivery
+
+
+def test_tokens_minted_in_the_old_format_keep_working(client, settings, db_session, alice, sent):
+    legacy = URLSafeSerializer(settings.secret_key, salt=SALT).dumps(sent["email"])
+    assert delivery_of(settings, legacy) == sent["email"]
+    assert client.post(f"/u/{legacy}", data=ONE_CLICK).status_code == 200
+    assert suppressions(db_session) == [(alice["id"], "email", "ann@example.com", "unsubscribe")]
+
+
+def test_a_token_cannot_be_forged_or_bent(settings):
+    token = unsubscribe_token(settings, 42)
+    tag = token.split(".")[1]
+    other_key = replace(settings, secret_key="another-secret-key-that-is-long-enough-x")
+    candidates = [
+        f"43.{tag}",  # another delivery, same tag
+        f"042.{tag}",  # the same number spelled differently
+        f"-42.{tag}",
+        f"42.{tag[:-1]}{'B' if tag[-1] == 'A' else 'A'}",  # spare bits of the last char
+        f"42.{tag}\n",
+        f"42.{tag}=",
+        unsubscribe_token(other_key, 42),  # signed with another SECRET_KEY
+        f"{2**70}.{tag}",
+    ]
+    assert [delivery_of(settings, bad) for bad in candidates] == [None] * len(candidates)
+    legacy = URLSafeSerializer(settings.secret_key, salt="herald.push.delivered").dumps(42)
+    assert delivery_of(settings, legacy) is None
