@@ -133,6 +133,15 @@ def send_batch(
 
     Repeatable: a second call (a redelivered task) finds the rows no longer queued and
     sends nothing. Returns what happened, for the task's log."""
+    if channel.accepts_batch:  # whole batch in one call: claim, send, record in one go
+        from engine.dispatch.batch_sending import send_whole_batch
+
+        report = send_whole_batch(
+            session_factory, channel_id=channel_id, first_id=first_id, last_id=last_id,
+            settings=settings, clock=clock, channel=channel, rng=rng,
+        )  # fmt: skip
+        if report is not None:
+            return report
     now = clock.now()
     with session_scope(session_factory) as session:
         loaded = _load_batch(session, channel_id, settings, now + timedelta(seconds=lease_seconds))

@@ -1,0 +1,316 @@
+"""Sending a batch in ONE transaction, for providers that take a whole batch in one call.
+
+The usual path (engine.dispatch.sending) commits a claim ('sending' + lease) before any
+provider call and records the outcomes in later transactions: every row is written
+twice, so that a slow provider never runs inside an open transaction and a dead
+worker's rows are found again by their lease. A provider with `accepts_batch` (the
+null provider: the embedded default and the benchmark) takes the whole batch in one
+call, so the batch is in flight as a whole whatever we do (issue 4), and the durable
+'sending' mark buys nothing. Here, in one transaction:
+
+    lock the batch's due rows      one SELECT … FOR UPDATE OF d SKIP LOCKED, joined with
+                                   their contacts, with the suppression re-check
+    render, one provider call
+    record every outcome           one UPDATE … FROM jsonb that also bumps sent_count
+    commit                         by exactly the rows that became sent
+
+Each row is written once (queued → outcome), with no lease to set, renew or reclaim.
+Exactly-once holds as on the usual path:
+
+- a redelivered or duplicate task finds the rows no longer queued (or locked, and
+  skips them) and sends nothing;
+- a worker that dies before the commit leaves its rows queued, as if never claimed:
+  reconciliation re-batches them and they go out again under the same idempotency
+  keys. That is the one call in flight;
+- pause and cancel: the lock re-checks the campaign in the same statement; a pause
+  that comes after it lets this one provider call be recorded, as it was made;
+- a cancel, a reconciliation sweep or an erasure touching these rows waits for the
+  commit (a few milliseconds) and then finds them settled.
+
+Used only where it is safe and pays: PostgreSQL (SQLite has no row locks, and its one
+embedded worker gains nothing), and batches with no rate limit (tokens must never be
+waited for with row locks held and a transaction open). Otherwise `send_whole_batch`
+returns None and the caller takes the usual path.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections import namedtuple
+from collections.abc import Callable
+from datetime import datetime
+from functools import lru_cache
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from engine.campaigns.rendering import CompiledChannel
+from engine.campaigns.templates import TemplateRenderError
+from engine.channels import Channel, OutboundMessage, SendResult
+from engine.clock import Clock
+from engine.db import session_scope
+from engine.dispatch import sending
+from engine.dispatch.messages import build_message
+from engine.dispatch.sending import BatchReport, _Batch, _Claimed
+from engine.models import CampaignChannel, Contact
+from engine.models.base import UTCDateTime
+from engine.settings import Settings
+from engine.unsubscribe import unsubscribe_url
+
+_CONTACT_COLUMNS = frozenset(Contact.__table__.c.keys())
+
+
+def send_whole_batch(
+    session_factory: sessionmaker[Session],
+    *,
+    channel_id: uuid.UUID,
+    first_id: int,
+    last_id: int,
+    settings: Settings,
+    clock: Clock,
+    channel: Channel,
+    rng: Callable[[], float] = random.random,
+) -> BatchReport | None:
+    """send_batch for a channel with `accepts_batch`: the BatchReport, or None when the
+    batch must take the usual path (SQLite, or a rate limit applies).
+
+    Shares the usual path's loading, outcome rules (retries, backoff), error threshold
+    and push-token clean-up (engine.dispatch.sending), so those stay in one place."""
+    now = clock.now()
+    with session_scope(session_factory) as session:
+        if session.get_bind().dialect.name != "postgresql":
+            return None
+        loaded = sending._load_batch(session, channel_id, settings, now)  # no lease is set
+        if loaded is None:
+            return BatchReport(stopped="not running")
+        batch, compiled = loaded
+        if any(rate > 0 for _key, rate in batch.buckets):
+            return None
+        rows = _lock(session, batch, compiled, first_id, last_id, now)
+        if not rows:
+            return BatchReport()
+        results, suppressed = _send(rows, compiled, settings, channel)
+        changed = _record(session, batch, results, suppressed, now, rng)
+        if any(result.outcome != "sent" for _row, result in results):
+            sending._check_error_threshold(session, batch)
+        sending._drop_invalid_push_tokens(session, batch, results)
+    return BatchReport(
+        claimed=len(rows),
+        sent=changed.get("sent", 0),
+        retrying=changed.get("queued", 0),
+        failed=changed.get("failed", 0),
+        suppressed=changed.get("suppressed", 0),
+    )
+
+
+# -- locking -----------------------------------------------------------------------------
+
+# The lock, the suppression re-check and the contact fetch in one statement (the usual
+# path spends three round trips and a write on them):
+# - FOR UPDATE OF d SKIP LOCKED locks the due rows until commit without writing them; a
+#   second worker handed an overlapping range skips them instead of waiting;
+# - status = 'queued' and the due test make a redelivered task lock nothing; the EXISTS
+#   re-checks the campaign in the same statement, so a paused or cancelled one sends
+#   nothing more;
+# - the suppression test is an uncorrelated IN, which PostgreSQL runs as one hashed
+#   scan of the user's suppressions for the channel, not one probe per row;
+# - only the contact columns the templates read come back (CompiledChannel knows
+#   them): a row of a few fields instead of every column and two JSON documents.
+_LOCK = """
+SELECT d.id, d.address, d.attempts, d.contact_id, c.id IS NOT NULL AS has_contact,
+       COALESCE({compared}(d.address) IN (
+           SELECT {compared}(s.address) FROM suppressions AS s
+           WHERE s.user_id = :user_id AND s.channel = :channel_type
+       ), false) AS suppressed{columns}
+FROM deliveries AS d
+LEFT JOIN contacts AS c ON c.id = d.contact_id
+WHERE d.campaign_channel_id = :channel_id
+  AND d.id BETWEEN :first_id AND :last_id
+  AND d.status = 'queued'
+  AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= :now)
+  AND EXISTS (SELECT 1 FROM campaigns WHERE id = :campaign_id AND status = 'running')
+ORDER BY d.id
+FOR UPDATE OF d SKIP LOCKED
+"""
+
+
+@lru_cache(maxsize=64)
+def _lock_statement(channel_type: str, columns: tuple[str, ...]):
+    unknown = set(columns) - _CONTACT_COLUMNS
+    if unknown:  # the names go into the SQL text: only Contact's own columns may
+        raise ValueError(f"not contact columns: {sorted(unknown)}")
+    # Email suppressions match whatever the case (as planning's and the usual path's).
+    compared = "lower" if channel_type == "email" else ""
+    sql = _LOCK.format(compared=compared, columns="".join(f", c.{name}" for name in columns))
+    uuid_type = CampaignChannel.__table__.c.id.type
+    return text(sql).bindparams(
+        bindparam("now", type_=UTCDateTime()),
+        bindparam("channel_id", type_=uuid_type),
+        bindparam("campaign_id", type_=uuid_type),
+        bindparam("user_id", type_=uuid_type),
+    )
+
+
+@lru_cache(maxsize=64)
+def _contact_row(columns: tuple[str, ...]) -> type:
+    # What templates read the contact from: attribute access, only the fetched columns.
+    return namedtuple("ContactRow", columns)
+
+
+def _lock(
+    session: Session,
+    batch: _Batch,
+    compiled: CompiledChannel,
+    first_id: int,
+    last_id: int,
+    now: datetime,
+) -> list[tuple]:
+    columns = set(compiled.contact_columns)
+    if batch.channel_type == "push":
+        columns.add("push_tokens")  # build_message fans a push out to the tokens
+    ordered = tuple(sorted(columns))
+    rows = session.execute(
+        _lock_statement(batch.channel_type, ordered),
+        {
+            "user_id": batch.user_id,
+            "channel_type": batch.channel_type,
+            "channel_id": batch.channel_id,
+            "campaign_id": batch.campaign_id,
+            "first_id": first_id,
+            "last_id": last_id,
+            "now": now,
+        },
+    ).all()
+    make = _contact_row(ordered)
+    # (id, address, attempts, contact_id, contact or None, suppressed)
+    return [
+        (row[0], row[1], row[2], row[3], make(*row[6:]) if row[4] else None, row[5]) for row in rows
+    ]
+
+
+# -- sending -----------------------------------------------------------------------------
+
+
+def _send(
+    rows: list[tuple], compiled: CompiledChannel, settings: Settings, channel: Channel
+) -> tuple[list[tuple[_Claimed, SendResult]], list[_Claimed]]:
+    """Render every row and make the one provider call. Returns the attempted rows with
+    their results, and the suppressed rows (not attempted)."""
+    signed = compiled.channel_type == "email" or compiled.shows_unsubscribe_url
+    attempted: list[tuple[_Claimed, SendResult | None]] = []
+    suppressed = []
+    messages: list[OutboundMessage] = []
+    for delivery_id, address, attempts, contact_id, contact, is_suppressed in rows:
+        row = _Claimed(delivery_id, contact_id, address, attempts + 1)  # this attempt
+        if is_suppressed:
+            suppressed.append(row)
+            continue
+        if contact is None or not address:
+            result = SendResult.permanent(delivery_id, "the contact was erased before sending")
+            attempted.append((row, result))
+            continue
+        try:
+            message = build_message(
+                compiled,
+                contact,
+                message_id=delivery_id,
+                idempotency_key=f"d{delivery_id}",
+                address=address,
+                unsubscribe_url=unsubscribe_url(settings, delivery_id) if signed else "",
+            )
+        except TemplateRenderError as exc:
+            problem = f"template {exc.field}: {exc.problem}"
+            attempted.append((row, SendResult.permanent(delivery_id, problem)))
+            continue
+        messages.append(message)
+        attempted.append((row, None))
+    answers = {r.delivery_id: r for r in channel.send_many(messages)} if messages else {}
+    if len(answers) != len(messages):
+        # A provider bug. Rolling back leaves every row queued, as if this worker had
+        # died with the call in flight; reconciliation sends them again.
+        raise RuntimeError(f"{channel.name} answered {len(answers)} of {len(messages)} messages")
+    return [(row, result or answers[row.id]) for row, result in attempted], suppressed
+
+
+# -- recording ---------------------------------------------------------------------------
+
+# Every outcome of the batch in one statement, PostgreSQL only (this module never runs
+# on SQLite). The outcomes travel as one JSON document (one bind parameter whatever the
+# batch size, so one cached plan). No compare-and-set on a lease: the rows are locked by
+# this transaction since the SELECT, so status = 'queued' only documents the
+# transition. `bumped` adds to sent_count exactly the rows `changed` made 'sent', in the
+# same statement, so the counter and the log cannot disagree. A suppressed row keeps
+# its last error and attempts (it was never attempted), as on the usual path.
+_RECORD = text(
+    """
+WITH outcome AS (
+    SELECT * FROM jsonb_to_recordset(CAST(:outcomes AS jsonb)) AS o(
+        id bigint, attempts integer, status text, provider_message_id text,
+        last_error text, next_attempt_at timestamp)
+),
+changed AS (
+    UPDATE deliveries AS d SET
+        status = o.status,
+        attempts = o.attempts,
+        provider_message_id = COALESCE(o.provider_message_id, d.provider_message_id),
+        last_error = CASE WHEN o.status = 'suppressed' THEN d.last_error ELSE o.last_error END,
+        next_attempt_at = CASE WHEN o.status = 'suppressed' THEN d.next_attempt_at
+                               ELSE o.next_attempt_at END,
+        sent_at = CASE WHEN o.status = 'sent' THEN :now ELSE d.sent_at END,
+        failed_at = CASE WHEN o.status = 'failed' THEN :now ELSE d.failed_at END,
+        lease_expires_at = NULL
+    FROM outcome AS o
+    WHERE d.id = o.id AND d.campaign_channel_id = :channel_id AND d.status = 'queued'
+      AND d.id BETWEEN :low AND :high
+    RETURNING d.status
+),
+bumped AS (
+    UPDATE campaign_channels
+    SET sent_count = sent_count + (SELECT count(*) FROM changed WHERE status = 'sent')
+    WHERE id = :channel_id AND EXISTS (SELECT 1 FROM changed WHERE status = 'sent')
+)
+SELECT status, count(*) AS n FROM changed GROUP BY status
+"""
+).bindparams(
+    bindparam("now", type_=UTCDateTime()),
+    bindparam("channel_id", type_=CampaignChannel.__table__.c.id.type),
+)
+
+
+def _record(
+    session: Session,
+    batch: _Batch,
+    results: list[tuple[_Claimed, SendResult]],
+    suppressed: list[_Claimed],
+    now: datetime,
+    rng: Callable[[], float],
+) -> dict[str, int]:
+    outcomes = [
+        {"id": row.id, "attempts": row.attempts - 1, "status": "suppressed"} for row in suppressed
+    ]
+    for row, result in results:
+        outcome = {"id": row.id, "attempts": row.attempts}
+        outcome.update(sending._outcome(batch, row, result, now, rng))
+        if outcome.get("next_attempt_at") is not None:
+            outcome["next_attempt_at"] = sending._stored_timestamp(
+                outcome["next_attempt_at"], batch
+            )
+        outcomes.append(outcome)
+    changed = {
+        status: n
+        for status, n in session.execute(
+            _RECORD,
+            {
+                "outcomes": json.dumps(outcomes),
+                "now": now,
+                "channel_id": batch.channel_id,
+                "low": min(o["id"] for o in outcomes),
+                "high": max(o["id"] for o in outcomes),
+            },
+        )
+    }
+    if sum(changed.values()) != len(outcomes):  # cannot happen under the row locks
+        raise RuntimeError(f"recorded {sum(changed.values())} of {len(outcomes)} locked rows")
+    return changed
