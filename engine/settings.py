@@ -109,6 +109,8 @@ class Settings:
     whatsapp_access_token: str = ""
     whatsapp_app_secret: str = ""
     whatsapp_verify_token: str = ""
+    # Soft bounces in a row (no delivery in between) after which an address is suppressed.
+    soft_bounce_threshold: int = 3
     rate_per_second: dict[str, float] = field(
         default_factory=lambda: {channel: 0.0 for channel in CHANNELS}
     )
@@ -165,6 +167,7 @@ class Settings:
             whatsapp_access_token=_env_str("WHATSAPP_ACCESS_TOKEN"),
             whatsapp_app_secret=_env_str("WHATSAPP_APP_SECRET"),
             whatsapp_verify_token=_env_str("WHATSAPP_VERIFY_TOKEN"),
+            soft_bounce_threshold=_env_int("SOFT_BOUNCE_THRESHOLD", 3),
             rate_per_second=rates,
         ).validated()
 
@@ -220,6 +223,8 @@ class Settings:
         ):
             if seconds <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")
+        if self.soft_bounce_threshold < 1:
+            raise ConfigError("SOFT_BOUNCE_THRESHOLD must be at least 1")
         if self.jwt_access_token_expires <= 0 or self.jwt_refresh_token_expires <= 0:
             raise ConfigError("JWT token lifetimes must be positive numbers of seconds")
         from engine.crypto import parse_keys  # here: crypto itself imports this module

@@ -5,6 +5,7 @@ from engine.models.campaigns import Audience, Campaign, CampaignChannel
 from engine.models.contacts import Contact, Suppression
 from engine.models.conversations import Conversation, Message
 from engine.models.deliveries import Delivery
+from engine.models.events import DeliveryEvent, SoftBounce
 from engine.models.imports import ContactImport, ContactImportRow
 from engine.models.sources import ContactSource, DataEvent, DataSource
 from engine.models.users import TokenBlacklist, User, UserSession
@@ -22,7 +23,9 @@ __all__ = [
     "DataEvent",
     "DataSource",
     "Delivery",
+    "DeliveryEvent",
     "Message",
+    "SoftBounce",
     "Suppression",
     "TokenBlacklist",
     "User",

@@ -66,6 +66,8 @@ class Suppression(Base):
         CheckConstraint(check_in("channel", CHANNEL_TYPES), name="channel"),
         CheckConstraint(check_in("reason", SUPPRESSION_REASONS), name="reason"),
         UniqueConstraint("user_id", "channel", "address"),
+        # The suppressions list pages newest first within a user.
+        Index(None, "user_id", "created_at", "id"),
     )
 
     id: Mapped[uuid.UUID] = uuid_pk()
