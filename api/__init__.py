@@ -22,7 +22,9 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         deliveries,
         health,
         sources,
+        suppressions,
         unsubscribe,
+        webhooks,
     )
     from api.body_limits import init_body_limits
     from api.errors import register_error_handlers
@@ -66,6 +68,8 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         sources,
         conversations,
         unsubscribe,
+        suppressions,
+        webhooks,
     ):
         openapi.register_blueprint(resource.blp)
     app.register_blueprint(health.blp)
