@@ -17,6 +17,7 @@ from collections import Counter
 from urllib.parse import urlencode
 
 import pytest
+from sqlalchemy import text
 from werkzeug.serving import make_server
 
 from engine.tracking.tokens import push_token
@@ -167,3 +168,65 @@ def test_a_thousand_concurrent_push_tokens_count_once(server, db_session, alice,
     assert channel_counts(db_session, push.channel_id)["delivered"] == 1
     assert delivery(db_session, push.delivery_id).delivered_at is not None
     assert_counters_match(db_session)
+
+
+def test_a_deadlock_with_the_sender_is_run_again_not_answered_500(hook_app, db_session, alice):
+    # The sender's recording transaction holds the channel row (it bumped sent_count) and
+    # then wants a delivery row that a status callback has just locked, while the
+    # callback waits for the channel row: PostgreSQL aborts one of them. When it is the
+    # callback, the endpoint runs it again instead of answering 500.
+    sms = sent_delivery(db_session, alice["id"], "sms", provider_message_id=SID)
+    form = {"MessageSid": SID, "MessageStatus": "delivered"}
+    path = "/webhooks/twilio/status"
+    signature = twilio_signature(PUBLIC + path, form)
+    sender = db_session.get_bind().engine.connect()
+    transaction = sender.begin()
+    sender.execute(
+        text("UPDATE campaign_channels SET sent_count = sent_count WHERE id = :id"),
+        {"id": sms.channel_id},
+    )
+    answer = {}
+
+    def callback() -> None:
+        answer["response"] = hook_app.test_client().post(
+            path, data=form, headers={"X-Twilio-Signature": signature}
+        )
+
+    webhook = threading.Thread(target=callback)
+    webhook.start()
+    deadline = time.monotonic() + 20
+    while not _waiting_on_a_lock(db_session, "delivery_events"):
+        assert time.monotonic() < deadline, "the callback never waited for the channel row"
+        time.sleep(0.02)
+    blocked = threading.Thread(
+        target=sender.execute,
+        args=(
+            text("UPDATE deliveries SET attempts = attempts WHERE id = :id"),
+            {"id": sms.delivery_id},
+        ),
+    )
+    blocked.start()
+    blocked.join(timeout=30)  # returns once PostgreSQL broke the cycle
+    assert not blocked.is_alive()
+    transaction.commit()
+    sender.close()
+    webhook.join(timeout=30)
+
+    response = answer["response"]
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json()["recorded"] == 1
+    assert channel_counts(db_session, sms.channel_id)["delivered"] == 1
+    assert len(events_of(db_session, sms.delivery_id)) == 1
+    assert_counters_match(db_session)
+
+
+def _waiting_on_a_lock(db_session, query_fragment: str) -> bool:
+    found = db_session.scalar(
+        text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE :fragment"
+        ),
+        {"fragment": f"%{query_fragment}%"},
+    )
+    db_session.rollback()
+    return bool(found)

@@ -15,6 +15,7 @@ first time (or, for a complaint, was a new event), never for a replay.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -38,6 +39,11 @@ OPT_OUT = "opt_out"
 STOP_KEYWORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
 START_KEYWORDS = frozenset({"START", "UNSTOP"})
 WHATSAPP_STOP_BUTTONS = frozenset({"STOP PROMOTIONS"})
+
+# What providers send as the sender of an inbound message: E.164, always. Taken as it
+# is, not re-validated against phonenumbers' metadata: a STOP must never be lost because
+# a number range is newer than the library, and the lookup is an exact match anyway.
+_E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 
 # The contact column each channel's inbound sender is matched against.
 _ADDRESS_COLUMN = {"sms": Contact.phone, "whatsapp": Contact.whatsapp}
@@ -117,6 +123,14 @@ def _clear_soft_bounces(session: Session, target: Target) -> None:
 
 
 # -- inbound opt-outs (STOP / START) ------------------------------------------------------
+
+
+def inbound_number(sender: object) -> str | None:
+    """The sender as stored on contacts (E.164), or None for a short code or a name."""
+    if not isinstance(sender, str):
+        return None
+    sender = sender.strip()
+    return sender if _E164.fullmatch(sender) else None
 
 
 def keyword_intent(text: object, *, channel: str) -> str | None:

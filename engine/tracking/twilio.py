@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from engine.channels.twilio import STATUS_CALLBACK_PATH
-from engine.contacts.validation import validate_contact
 from engine.tracking.recording import Event, safe_text
-from engine.tracking.suppression import HARD, OPT_OUT, SOFT, keyword_intent
+from engine.tracking.suppression import HARD, OPT_OUT, SOFT, inbound_number, keyword_intent
 
 SOURCE = "twilio"
 STATUS_PATH = STATUS_CALLBACK_PATH  # /webhooks/twilio/status
@@ -103,12 +102,12 @@ def inbound_message(form: Mapping[str, str]) -> Inbound | None:
     channel = "sms"
     if sender.lower().startswith("whatsapp:"):
         channel, sender = "whatsapp", sender[len("whatsapp:") :]
-    clean, errors = validate_contact({"phone": sender})
-    if errors or not clean.get("phone"):
+    address = inbound_number(sender)
+    if address is None:
         return None
     opt_out_type = (form.get("OptOutType") or "").strip().upper()
     if opt_out_type in ("STOP", "START"):
         intent: str | None = opt_out_type.lower()
     else:
         intent = keyword_intent(form.get("Body"), channel=channel)
-    return Inbound(channel=channel, address=clean["phone"], intent=intent)
+    return Inbound(channel=channel, address=address, intent=intent)

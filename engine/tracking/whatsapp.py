@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from engine.contacts.validation import validate_contact
 from engine.tracking.recording import Event, safe_text
-from engine.tracking.suppression import HARD, OPT_OUT, keyword_intent
+from engine.tracking.suppression import HARD, OPT_OUT, inbound_number, keyword_intent
 from engine.tracking.targets import delivery_id_of_key
 
 SOURCE = "whatsapp"
@@ -115,11 +114,9 @@ def _status(status: Any, now: datetime) -> StatusUpdate | None:
 def _inbound(message: Any) -> InboundText | None:
     if not isinstance(message, Mapping):
         return None
-    sender = message.get("from")
-    if not isinstance(sender, str) or not sender.strip().isdigit():
-        return None
-    clean, errors = validate_contact({"phone": "+" + sender.strip()})
-    if errors or not clean.get("phone"):
+    sender = message.get("from")  # the WhatsApp id: the number's digits, without "+"
+    address = inbound_number("+" + sender.strip()) if isinstance(sender, str) else None
+    if address is None:
         return None
     kind = message.get("type")
     if kind == "text":
@@ -134,7 +131,7 @@ def _inbound(message: Any) -> InboundText | None:
         text = reply.get("title") if isinstance(reply, Mapping) else None
     else:
         text = None
-    return InboundText(address=clean["phone"], intent=keyword_intent(text, channel="whatsapp"))
+    return InboundText(address=address, intent=keyword_intent(text, channel="whatsapp"))
 
 
 def _timestamp(value: Any, now: datetime) -> datetime:
