@@ -392,3 +392,10 @@ def _zero() -> dict[str, int]:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def test_an_oversized_body_is_413_before_anything_else(hooks, db_session, sms):
+    form = status_form("delivered", Body="x" * 70_000)
+    response = post_twilio(hooks, STATUS, form)
+    assert_error(response, 413, "payload_too_large")
+    assert events_of(db_session) == []
