@@ -16,7 +16,7 @@ from sqlalchemy import func, select, text, update
 
 from engine.clock import FixedClock
 from engine.dispatch.completion import complete_finished
-from engine.dispatch.planning import channels_to_plan, plan_channel
+from engine.dispatch.planning import batch_ranges, channels_to_plan, plan_channel
 from engine.dispatch.promotion import promote_due
 from engine.dispatch.reconciliation import DISPATCH_GRACE, reconcile
 from engine.models import Campaign, CampaignChannel, Contact, Delivery, Suppression, User
@@ -243,6 +243,35 @@ def test_planning_cuts_every_row_into_batches_of_at_most_the_batch_size(db_sessi
         assert all(1 <= len(chunk) <= 100 for chunk in covered)
         assert sorted(i for chunk in covered for i in chunk) == ids  # each row once
         assert _channels(db_session, campaign_id)[kind].status == "planned"
+
+
+def test_first_planning_cuts_the_same_ranges_as_the_batcher(db_session, alice, bob, clock):
+    """A channel's first planning inserts and cuts in one statement (no ON CONFLICT, the
+    ranges from RETURNING); its ranges are exactly what the batcher finds afterwards,
+    even with another channel's rows in between, and every row is in one range."""
+    insert_contacts(db_session, alice["id"], 1234)
+    insert_contacts(db_session, bob["id"], 300, prefix="b")
+    mine = _campaign(db_session, alice["id"], channels=("email",))
+    other = _campaign(db_session, bob["id"], channels=("sms",))
+    email = _channels(db_session, mine)["email"].id
+    now = clock.now()
+
+    batches = plan_channel(db_session, email, now, batch_size=100)
+    _plan_all(db_session, other, now)  # bob's rows follow; alice's ids stay one block
+    db_session.commit()
+
+    again = batch_ranges(
+        db_session,
+        [Delivery.campaign_channel_id == email, Delivery.dispatched_at == now],
+        batch_size=100,
+    )
+    assert batches == again
+    assert [b.first_id for b in batches] == sorted(b.first_id for b in batches)
+    ids = [row.id for row in _deliveries(db_session, email)]
+    covered = sorted(i for b in batches for i in ids if b.first_id <= i <= b.last_id)
+    assert covered == ids and len(ids) == 1234
+    contacts = [row.contact_id for row in _deliveries(db_session, email)]
+    assert contacts == sorted(contacts)  # inserted in contact order, as the docstring says
 
 
 def test_planning_skips_campaigns_that_are_not_running(db_session, alice, clock):
