@@ -271,3 +271,27 @@ def test_sqlite_records_the_same_way(sqlite_session):
     assert session.scalar(select(DeliveryEvent.id).limit(1)) is not None
     assert record_orphan(session, orphan("SM9"), NOW) is True
     assert record_orphan(session, orphan("SM9"), NOW) is False
+
+
+def test_beat_task_adopts_orphans_on_a_real_worker(app, db_session, alice, celery_worker):
+    """herald.adopt_orphan_events (beat, every 30 s) adopts the last orphan of a message,
+    which no later callback would."""
+    import time
+
+    sms = sent_delivery(db_session, alice["id"], "sms")
+    assert record_orphan(db_session, orphan("SM9"), NOW) is True
+    db_session.execute(
+        update(Delivery).where(Delivery.id == sms.delivery_id).values(provider_message_id="SM9")
+    )
+    db_session.commit()
+
+    app.extensions["herald"].celery.send_task("herald.adopt_orphan_events")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # waiting on the worker thread, not pacing
+        db_session.expire_all()
+        if delivery(db_session, sms.delivery_id).delivered_at is not None:
+            break
+        time.sleep(0.05)
+    assert delivery(db_session, sms.delivery_id).delivered_at == NOW
+    assert [e.delivery_id for e in events_of(db_session)] == [sms.delivery_id]
+    assert_counters_match(db_session)

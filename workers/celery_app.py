@@ -92,6 +92,12 @@ def beat_schedule(settings: Settings) -> dict:
             # a few indexed queries per run.
             "schedule": settings.reconcile_interval,
         },
+        # Status callbacks that beat the sender's checkpoint wait as orphans; the last
+        # callback of a message has nobody after it to adopt it, so beat does.
+        "adopt-orphan-events": {
+            "task": "herald.adopt_orphan_events",
+            "schedule": 30.0,
+        },
         "purge-expired-tokens": {
             "task": "herald.purge_expired_tokens",
             "schedule": 3600.0,

@@ -1,5 +1,5 @@
 """Task modules; importing this package registers every task with the app."""
 
-from workers.tasks import dispatch, imports, maintenance, sending, system_mail
+from workers.tasks import dispatch, imports, maintenance, sending, system_mail, tracking
 
-__all__ = ["dispatch", "imports", "maintenance", "sending", "system_mail"]
+__all__ = ["dispatch", "imports", "maintenance", "sending", "system_mail", "tracking"]
