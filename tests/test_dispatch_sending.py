@@ -335,6 +335,48 @@ def test_permanent_failure_fails_at_once(
     assert "21211" in rejected.last_error
     assert sent.status == "sent"
     assert assert_counters_match(db_session, scenario) == 1
+    # An invalid number is suppressed at once, as its status callback would have done.
+    assert suppressions_of(db_session, scenario) == [("sms", rejected.address, "bounce")]
+
+
+def suppressions_of(session, scenario) -> list[tuple[str, str, str]]:
+    session.expire_all()
+    return [
+        (s.channel, s.address, s.reason)
+        for s in session.scalars(
+            select(Suppression)
+            .where(Suppression.user_id == scenario.user_id)
+            .order_by(Suppression.channel, Suppression.address)
+        )
+    ]
+
+
+def test_smtp_refusals_suppress_only_when_they_condemn_the_mailbox(
+    factory, db_session, settings, clock, limiter, smtp_server
+):
+    scenario = make_scenario(db_session, "email", 3)
+    unknown, policy, _fine = scenario.contacts
+    smtp_server.reply_to_recipient(unknown.email, "550 5.1.1 No such user here")
+    smtp_server.reply_to_recipient(policy.email, "550 5.7.1 Message refused by policy")
+    with channel_for("email", smtp_server.settings(settings)) as channel:
+        report = run(factory, scenario, settings, clock, limiter, channel)
+    assert (report.sent, report.failed) == (1, 2)
+    assert suppressions_of(db_session, scenario) == [("email", unknown.email, "bounce")]
+    assert assert_counters_match(db_session, scenario) == 1
+
+
+def test_a_recipients_stop_at_send_time_suppresses_as_unsubscribe(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    scenario = make_scenario(db_session, "sms", 2)
+    twilio_sink.reject_number(scenario.contacts[1].phone, code=21610)  # STOPped at Twilio
+    twilio_sink.fail(400, code=21608, match=scenario.contacts[0].phone)  # account issue
+    channel = channel_for("sms", twilio_sink.settings(settings))
+    report = run(factory, scenario, settings, clock, limiter, channel)
+    assert report.failed == 2
+    assert suppressions_of(db_session, scenario) == [
+        ("sms", scenario.contacts[1].phone, "unsubscribe")
+    ]
 
 
 def test_error_threshold_pauses_the_campaign_with_a_reason(

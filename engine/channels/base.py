@@ -62,6 +62,9 @@ class SendResult:
     retry_after: float | None = None
     # Push tokens the provider says will never work again; the caller removes them.
     invalid_push_tokens: tuple[str, ...] = ()
+    # The provider's own code for a refusal (Twilio "21211", WhatsApp "131026", an SMTP
+    # RCPT's enhanced status "5.1.1"): what says the address itself is bad.
+    provider_code: str | None = None
 
     @classmethod
     def sent(
@@ -92,13 +95,18 @@ class SendResult:
 
     @classmethod
     def permanent(
-        cls, delivery_id: int, error: str, invalid_push_tokens: Sequence[str] = ()
+        cls,
+        delivery_id: int,
+        error: str,
+        invalid_push_tokens: Sequence[str] = (),
+        provider_code: str | None = None,
     ) -> Self:
         return cls(
             delivery_id,
             "permanent",
             error=_short(error),
             invalid_push_tokens=tuple(invalid_push_tokens),
+            provider_code=provider_code,
         )
 
     @property

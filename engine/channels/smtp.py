@@ -13,6 +13,7 @@ SMTP acceptance (250 after DATA) means "sent", never "delivered".
 from __future__ import annotations
 
 import contextlib
+import re
 import smtplib
 import ssl
 from email import policy as email_policy
@@ -22,6 +23,9 @@ from email.utils import formatdate, parseaddr
 
 from engine.channels.base import Channel, OutboundMessage, SendResult
 from engine.settings import Settings
+
+# "5.1.1 <bob@x>: user unknown": the enhanced status code (RFC 3463) a reply starts with.
+_ENHANCED_STATUS = re.compile(r"\s*([245]\.\d{1,3}\.\d{1,3})\b")
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 15.0
@@ -157,7 +161,11 @@ class SmtpChannel(Channel):
             except (smtplib.SMTPException, OSError):
                 self._discard()
         if 500 <= code < 600:
-            return SendResult.permanent(delivery_id, error)
+            # RFC 3463's enhanced status, when the refusal of RCPT names the mailbox.
+            enhanced = _ENHANCED_STATUS.match(text) if stage == "RCPT TO" else None
+            return SendResult.permanent(
+                delivery_id, error, provider_code=enhanced.group(1) if enhanced else None
+            )
         return SendResult.transient(delivery_id, error)  # 4xx, or a garbled reply (-1)
 
     # -- the message -----------------------------------------------------------------

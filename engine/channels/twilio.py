@@ -97,7 +97,7 @@ class TwilioChannel(Channel):
         if is_transient_status(status) or code in _TRANSIENT_CODES:
             return SendResult.transient(delivery_id, error, retry_after(response))
         # 21211 invalid To, 21610 unsubscribed (STOP), 21614 not a mobile number, ...
-        return SendResult.permanent(delivery_id, error)
+        return SendResult.permanent(delivery_id, error, provider_code=str(code) if code else None)
 
     def close(self) -> None:
         self._client.close()

@@ -128,4 +128,4 @@ def _failure(delivery_id: int, response: httpx.Response, body: dict) -> SendResu
     if is_transient_status(status) or code in _TRANSIENT_CODES:
         return SendResult.transient(delivery_id, text, retry_after(response))
     # 131026 undeliverable, 131047 outside the 24 h window, 132001 template missing, ...
-    return SendResult.permanent(delivery_id, text)
+    return SendResult.permanent(delivery_id, text, provider_code=str(code) if code else None)

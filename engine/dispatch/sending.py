@@ -52,14 +52,16 @@ from engine.campaigns.rendering import CompiledChannel
 from engine.campaigns.templates import TemplateRenderError
 from engine.channels import Channel, OutboundMessage, SendResult
 from engine.clock import Clock
-from engine.db import session_scope
+from engine.db import insert_ignoring_conflicts, session_scope
 from engine.dispatch.backoff import retry_delay
 from engine.dispatch.journal import AcceptanceJournal, JournalEntry, acceptance
 from engine.dispatch.messages import build_message
 from engine.models import Campaign, CampaignChannel, Contact, Delivery, Suppression
 from engine.models.base import UTCDateTime
 from engine.ratelimit import RateLimiter, wait_seconds
+from engine.services.suppressions import stored_address
 from engine.settings import Settings
+from engine.tracking.suppression import reason_for_refusal
 from engine.unsubscribe import unsubscribe_url
 
 log = logging.getLogger("herald.dispatch.sending")
@@ -559,6 +561,7 @@ def _record(
             len(results) - sum(changed.values()),
         )
     _drop_invalid_push_tokens(session, batch, results)
+    _suppress_refused_addresses(session, batch, results)
     if any(result.outcome != "sent" for _, result in results):
         _check_error_threshold(session, batch)
 
@@ -641,6 +644,30 @@ def _drop_invalid_push_tokens(
             for cid, tokens in current
         ],
     )
+
+
+def _suppress_refused_addresses(
+    session: Session, batch: _Batch, results: list[tuple[_Claimed, SendResult]]
+) -> None:
+    """A provider that refuses the address itself at send time (an invalid number, no
+    such mailbox, the recipient's STOP) gets the same suppression its status callback
+    would have caused: one INSERT for the checkpoint, idempotent."""
+    refused = {
+        stored_address(batch.channel_type, row.address): reason
+        for row, result in results
+        if result.outcome == "permanent"
+        and row.address
+        and (reason := reason_for_refusal(batch.channel_type, result.provider_code))
+    }
+    if refused:
+        rows = [
+            {"id": uuid.uuid4(), "user_id": batch.user_id, "channel": batch.channel_type,
+             "address": address, "reason": reason}
+            for address, reason in refused.items()
+        ]  # fmt: skip
+        insert_ignoring_conflicts(
+            session, Suppression.__table__, rows, index_elements=["user_id", "channel", "address"]
+        )
 
 
 def _check_error_threshold(session: Session, batch: _Batch) -> None:

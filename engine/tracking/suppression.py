@@ -178,3 +178,26 @@ def opt_in(session: Session, channel: str, address: str) -> int:
             Suppression.reason == "unsubscribe",
         )
     ).rowcount
+
+
+# Send-time refusals that condemn the address itself. SMTP: RCPT refused with 5.1.1 (no
+# such mailbox), 5.1.2 (no such domain) or 5.1.10 (the domain takes no mail); other 5xx
+# (policy, relay denied, content) say nothing about the recipient and suppress nobody.
+_SMTP_HARD = frozenset({"5.1.1", "5.1.2", "5.1.10"})
+_REASON_OF_FAILURE = {HARD: "bounce", OPT_OUT: "unsubscribe"}
+
+
+def reason_for_refusal(channel: str, provider_code: str | None) -> str | None:
+    """The suppression a provider's synchronous, permanent refusal calls for (the same
+    codes as its status callbacks), or None: soft or unrelated failures suppress nothing
+    at send time."""
+    if not provider_code:
+        return None
+    if channel == "email":
+        return "bounce" if provider_code in _SMTP_HARD else None
+    from engine.tracking import twilio, whatsapp  # their code tables import this module
+
+    table = {"sms": twilio.FAILURE_OF_CODE, "whatsapp": whatsapp.FAILURE_OF_CODE}.get(channel)
+    if table is None or not provider_code.isdigit():
+        return None
+    return _REASON_OF_FAILURE.get(table.get(int(provider_code)))
