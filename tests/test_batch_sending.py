@@ -346,6 +346,61 @@ def test_concurrent_overlapping_batches_send_each_row_once(
     assert assert_counters_match(db_session, scenario) == 200
 
 
+# -- completion ----------------------------------------------------------------------------
+
+
+def test_the_last_batch_completes_the_campaign_without_waiting_for_reconciliation(
+    factory, db_session, settings, clock, limiter
+):
+    scenario = make_scenario(db_session, "sms", 10)
+    ids = scenario.delivery_ids
+    provider = BatchProvider("sms")
+
+    def send(first: int, last: int):
+        return send_batch(
+            factory,
+            channel_id=scenario.channel_id,
+            first_id=first,
+            last_id=last,
+            settings=settings,
+            clock=clock,
+            rate_limiter=limiter,
+            channel=provider,
+        )
+
+    def state() -> tuple[str, str, object]:
+        db_session.expire_all()
+        campaign = db_session.get(Campaign, scenario.campaign_id)
+        return (
+            campaign.status,
+            db_session.get(CampaignChannel, scenario.channel_id).status,
+            campaign.ended_at,
+        )
+
+    assert send(ids[5], ids[9]).sent == 5  # the tail first: earlier rows still queued
+    assert state() == ("running", "planned", None)
+    assert send(ids[0], ids[4]).sent == 5
+    assert state() == ("completed", "done", NOW)
+    assert assert_counters_match(db_session, scenario) == 10
+
+
+def test_a_retry_left_queued_keeps_the_campaign_running(
+    factory, db_session, settings, clock, limiter
+):
+    scenario = make_scenario(db_session, "sms", 3)
+    busy = scenario.delivery_ids[0]
+
+    def answer(message: OutboundMessage) -> SendResult:
+        if message.delivery_id == busy:
+            return SendResult.transient(busy, "busy")
+        return SendResult.sent(message.delivery_id, "ok")
+
+    run(factory, scenario, settings, clock, limiter, BatchProvider("sms", answer=answer))
+    db_session.expire_all()
+    assert db_session.get(Campaign, scenario.campaign_id).status == "running"
+    assert assert_counters_match(db_session, scenario) == 2
+
+
 # -- where the usual path is taken instead -------------------------------------------------
 
 

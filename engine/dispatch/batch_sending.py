@@ -43,7 +43,7 @@ from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import bindparam, exists, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine.campaigns.rendering import CompiledChannel
@@ -52,9 +52,10 @@ from engine.channels import Channel, OutboundMessage, SendResult
 from engine.clock import Clock
 from engine.db import session_scope
 from engine.dispatch import sending
+from engine.dispatch.completion import UNFINISHED, complete_finished
 from engine.dispatch.messages import build_message
 from engine.dispatch.sending import BatchReport, _Batch, _Claimed
-from engine.models import CampaignChannel, Contact
+from engine.models import CampaignChannel, Contact, Delivery
 from engine.models.base import UTCDateTime
 from engine.settings import Settings
 from engine.unsubscribe import unsubscribe_url
@@ -96,6 +97,7 @@ def send_whole_batch(
         if any(result.outcome != "sent" for _row, result in results):
             sending._check_error_threshold(session, batch)
         sending._drop_invalid_push_tokens(session, batch, results)
+    _complete_if_last(session_factory, batch, last_id, clock)
     return BatchReport(
         claimed=len(rows),
         sent=changed.get("sent", 0),
@@ -314,3 +316,30 @@ def _record(
     if sum(changed.values()) != len(outcomes):  # cannot happen under the row locks
         raise RuntimeError(f"recorded {sum(changed.values())} of {len(outcomes)} locked rows")
     return changed
+
+
+# -- completion --------------------------------------------------------------------------
+
+
+def _complete_if_last(
+    session_factory: sessionmaker[Session], batch: _Batch, last_id: int, clock: Clock
+) -> None:
+    """Complete the campaign now if this looks like its channel's last batch, instead of
+    leaving it to the next reconciliation (up to RECONCILE_INTERVAL later).
+
+    After our commit, in a new transaction: are any of the channel's rows after our
+    range still queued or sending? That probe starts where the live rows are (the
+    (channel, status, id) index), so it costs one index page per batch; scanning the
+    whole channel each time would walk every row already sent. Only when nothing
+    follows does complete_finished run, and it decides exactly, by compare-and-set,
+    from everything committed. A tail batch that commits while an earlier one is still
+    open sees that one unfinished and leaves completion to it, or to reconciliation.
+    """
+    after_us = exists().where(
+        Delivery.campaign_channel_id == batch.channel_id,
+        Delivery.status.in_(UNFINISHED),
+        Delivery.id > last_id,
+    )
+    with session_scope(session_factory) as session:
+        if not session.scalar(select(after_us)):
+            complete_finished(session, clock.now(), campaign_id=batch.campaign_id)
