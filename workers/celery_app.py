@@ -62,6 +62,9 @@ def make_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # Celery 6 will cancel running tasks when the broker connection drops; a send
+        # batch must finish (and record) across a Redis blip instead.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_time_limit=TASK_HARD_TIME_LIMIT,
         task_soft_time_limit=TASK_SOFT_TIME_LIMIT,
         worker_send_task_events=True,
@@ -84,6 +87,7 @@ def beat_schedule(settings: Settings) -> dict:
         "promote-due-campaigns": {
             "task": "herald.promote_due",
             "schedule": settings.beat_tick,
+            "options": {"expires": _stale_after(settings.beat_tick)},
         },
         "reconcile-dispatch": {
             "task": "herald.reconcile",
@@ -91,6 +95,7 @@ def beat_schedule(settings: Settings) -> dict:
             # long a Redis restart or a dead worker can delay a campaign, at the cost of
             # a few indexed queries per run.
             "schedule": settings.reconcile_interval,
+            "options": {"expires": _stale_after(settings.reconcile_interval)},
         },
         # Status callbacks that beat the sender's checkpoint wait as orphans; the last
         # callback of a message has nobody after it to adopt it, so beat does.
@@ -107,3 +112,11 @@ def beat_schedule(settings: Settings) -> dict:
             "schedule": 60.0,
         },
     }
+
+
+def _stale_after(interval: float) -> float:
+    """Seconds after which a tick's task is dropped unrun. A worker busy with send
+    batches lets these pile up (one per tick) and then runs them back to back; each is
+    idempotent, so only the newest matters. Generous, so a busy queue delays a
+    promotion but can never starve it."""
+    return max(60.0, 10 * interval)

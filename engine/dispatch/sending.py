@@ -357,6 +357,11 @@ def _send(
             chunk, rest = remaining[:CHECKPOINT_EVERY], remaining[CHECKPOINT_EVERY:]
             for row in chunk:
                 attempt(row, send=True)
+            # The chunk's last acceptance has no next token to ride on: journal it now,
+            # so a checkpoint that fails (PostgreSQL restarting) leaves nothing in flight.
+            if unjournaled is not None:
+                entry, unjournaled = unjournaled, None
+                rate_limiter.take([], journal=entry)
             lease = batch.lease
             try:
                 with session_scope(session_factory) as session:
