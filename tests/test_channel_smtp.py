@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import time
+from email import message_from_bytes
+from email import policy as email_policy
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from engine.channels import OutboundMessage, channel_for
 from engine.channels.smtp import SmtpChannel
+from engine.settings import Settings
 from tests.providers.fixtures import (  # noqa: F401
     FAST_TIMEOUTS,
     STALL,
@@ -249,3 +255,74 @@ def test_a_relay_requiring_tls_never_gets_the_message_in_clear(
     assert result.outcome == "permanent"
     assert "530" in result.error
     assert secure_smtp_server.accepted_count == 0
+
+
+# -- the direct MIME path against EmailMessage -------------------------------------------
+
+
+_CHANNEL = SmtpChannel(Settings(email_from="Herald Team <news@herald.example>"))
+
+
+def _read_back(data: bytes) -> dict:
+    """What a receiving client sees: decoded headers and bodies."""
+    parsed = message_from_bytes(data, policy=email_policy.default)
+    bodies = {}
+    for part in parsed.walk():
+        if part.get_content_maintype() == "text":
+            bodies[part.get_content_subtype()] = (
+                part.get_content().replace("\r\n", "\n").rstrip("\n")
+            )
+    headers = {
+        name: str(parsed[name])
+        for name in ("From", "To", "Subject", "Message-ID", "Reply-To", "List-Unsubscribe")
+        if parsed[name] is not None
+    }
+    return {"headers": headers, "bodies": bodies, "multipart": parsed.is_multipart()}
+
+
+def _both_paths(message: OutboundMessage) -> tuple[dict, dict | None]:
+    _, built = _CHANNEL.build_email(message)
+    slow = _read_back(built.as_bytes(policy=built.policy))
+    _, data = _CHANNEL.email_bytes(message)
+    assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+    assert b"\n" not in data.replace(b"\r\n", b"")  # CRLF only
+    return slow, _read_back(data)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"subject": "Spring sale", "text": "Hi Ada,\nsee you", "html": "<p>Hi Ada</p>"},
+        {"subject": "Soldes d'été 🌸 jusqu'à -50 %", "text": "Bonjour Zoë,\nà bientôt"},
+        {"subject": "x" * 300, "html": "<p>" + "long line " * 200 + "</p>"},
+        {"subject": "Hi", "text": "naïve café\r\nline two\rline three", "from_name": "Zoë Café"},
+        {"subject": "Hi", "text": "a", "from_name": 'Herald, "Inc."', "reply_to": "r@x.example"},
+        {"subject": "Tab\there", "text": "falls back to EmailMessage"},
+        {"subject": "Hi", "html": "<p>only html</p>", "headers": {"X-Campaign": "c1"}},
+    ],
+)
+def test_the_direct_mime_path_reads_back_like_email_message(content):
+    headers = {
+        "List-Unsubscribe": "<https://herald.example/u/abc.def>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        **content.pop("headers", {}),
+    }
+    slow, fast = _both_paths(email(**content, headers=headers))
+    assert fast == slow
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(
+    subject=st.text(max_size=200),
+    text=st.text(min_size=1, max_size=400),
+    html=st.one_of(st.none(), st.text(min_size=1, max_size=200)),
+    name=st.one_of(st.none(), st.text(max_size=40)),
+)
+def test_the_direct_mime_path_agrees_with_email_message_on_any_text(subject, text, html, name):
+    content = {"subject": subject, "text": text, "html": html, "from_name": name}
+    try:
+        slow, fast = _both_paths(email(**content))
+    except (ValueError, TypeError):
+        return  # EmailMessage refuses it too (e.g. a line break in a header): so do we
+    assert fast["bodies"] == slow["bodies"]
+    assert fast["headers"] == slow["headers"]

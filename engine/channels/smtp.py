@@ -22,6 +22,7 @@ from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
 
 from engine.channels.base import Channel, OutboundMessage, SendResult
+from engine.channels.mime import plain_email_bytes
 from engine.settings import Settings
 
 # "5.1.1 <bob@x>: user unknown": the enhanced status code (RFC 3463) a reply starts with.
@@ -90,11 +91,10 @@ class SmtpChannel(Channel):
 
     def send(self, message: OutboundMessage) -> SendResult:
         try:
-            sender, email = self.build_email(message)
-            utf8 = not (sender.isascii() and message.address.isascii())
-            data = email.as_bytes(policy=email.policy)
+            sender, data = self.email_bytes(message)
         except (ValueError, TypeError, LookupError) as exc:
             return SendResult.permanent(message.delivery_id, f"could not build the email: {exc}")
+        utf8 = not (sender.isascii() and message.address.isascii())
 
         for _ in range(2):  # a stale reused session earns exactly one reconnect
             reused = self._smtp is not None
@@ -169,6 +169,37 @@ class SmtpChannel(Channel):
         return SendResult.transient(delivery_id, error)  # 4xx, or a garbled reply (-1)
 
     # -- the message -----------------------------------------------------------------
+
+    def email_bytes(self, message: OutboundMessage) -> tuple[str, bytes]:
+        """(envelope sender, the message as sent). The common shape is written directly
+        (engine.channels.mime, ~70x cheaper); anything it declines goes through
+        EmailMessage. Raises ValueError like build_email."""
+        content = message.content
+        sender = content.get("from_email") or self.default_from_email
+        from_name = content.get("from_name")
+        if from_name is None and not content.get("from_email"):
+            from_name = self.default_from_name
+        headers = content.get("headers") or {}
+        for name in headers:
+            if name.lower() in _OWN_HEADERS:
+                raise ValueError(f"header {name} is set by the email channel itself")
+        if content.get("text") or content.get("html"):
+            data = plain_email_bytes(
+                sender=sender,
+                from_name=from_name,
+                to=message.address,
+                subject=content.get("subject") or "",
+                date=formatdate(usegmt=True),
+                message_id=_message_id(message, sender),
+                reply_to=content.get("reply_to"),
+                headers=headers,
+                text=content.get("text"),
+                html=content.get("html"),
+            )
+            if data is not None:
+                return sender, data
+        sender, email = self.build_email(message)
+        return sender, email.as_bytes(policy=email.policy)
 
     def build_email(self, message: OutboundMessage) -> tuple[str, EmailMessage]:
         """(envelope sender, message). Raises ValueError when the content cannot make a
