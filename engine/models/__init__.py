@@ -7,6 +7,7 @@ from engine.models.conversations import Conversation, Message
 from engine.models.deliveries import Delivery
 from engine.models.events import DeliveryEvent, SoftBounce
 from engine.models.imports import ContactImport, ContactImportRow
+from engine.models.links import CampaignLink
 from engine.models.sources import ContactSource, DataEvent, DataSource
 from engine.models.users import TokenBlacklist, User, UserSession
 
@@ -15,6 +16,7 @@ __all__ = [
     "Base",
     "Campaign",
     "CampaignChannel",
+    "CampaignLink",
     "Contact",
     "ContactImport",
     "ContactImportRow",
