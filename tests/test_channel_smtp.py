@@ -283,7 +283,9 @@ def _read_back(data: bytes) -> dict:
 def _both_paths(message: OutboundMessage) -> tuple[dict, dict | None]:
     _, built = _CHANNEL.build_email(message)
     slow = _read_back(built.as_bytes(policy=built.policy))
-    _, data = _CHANNEL.email_bytes(message)
+    _, data = _CHANNEL.plain_bytes(message)
+    if data is None:
+        return slow, None  # declined: email_bytes falls back to EmailMessage
     assert all(len(line) <= 998 for line in data.split(b"\r\n"))
     assert b"\n" not in data.replace(b"\r\n", b"")  # CRLF only
     return slow, _read_back(data)
@@ -308,7 +310,10 @@ def test_the_direct_mime_path_reads_back_like_email_message(content):
         **content.pop("headers", {}),
     }
     slow, fast = _both_paths(email(**content, headers=headers))
-    assert fast == slow
+    if "\t" in content["subject"]:
+        assert fast is None  # a control character: declined, EmailMessage writes it
+    else:
+        assert fast == slow
 
 
 @hypothesis_settings(max_examples=150, deadline=None)
@@ -324,5 +329,6 @@ def test_the_direct_mime_path_agrees_with_email_message_on_any_text(subject, tex
         slow, fast = _both_paths(email(**content))
     except (ValueError, TypeError):
         return  # EmailMessage refuses it too (e.g. a line break in a header): so do we
-    assert fast["bodies"] == slow["bodies"]
-    assert fast["headers"] == slow["headers"]
+    if fast is not None:
+        assert fast["bodies"] == slow["bodies"]
+        assert fast["headers"] == slow["headers"]

@@ -29,10 +29,12 @@ _FIELD_NAME_CHARS = frozenset(chr(c) for c in range(33, 127)) - {":"}
 def _header_value(value: str) -> str | None:
     """A header's value ready to write: as is when it is printable ASCII, RFC 2047
     encoded (and folded) when not; None when it cannot be written safely here."""
-    if "\r" in value or "\n" in value:
-        return None
+    if not value.isprintable():
+        return None  # controls and line breaks (Unicode's too): EmailMessage decides
     if value.isascii():
-        return value if value.isprintable() or value == "" else None
+        return value
+    if value != value.strip():
+        return None  # an encoded word would keep edge spaces EmailMessage drops
     return Header(value, "utf-8").encode(linesep="\r\n")
 
 
@@ -72,6 +74,8 @@ def plain_email_bytes(
     path cannot write it exactly and EmailMessage should."""
     if not (sender.isascii() and to.isascii()) or (reply_to and not reply_to.isascii()):
         return None
+    if from_name and (not from_name.isprintable() or from_name != from_name.strip()):
+        return None  # formataddr would encode what EmailMessage normalises
     values: list[tuple[str, str | None]] = [
         ("From", _header_value(formataddr((from_name or "", sender)))),
         ("To", _header_value(to)),

@@ -172,8 +172,17 @@ class SmtpChannel(Channel):
 
     def email_bytes(self, message: OutboundMessage) -> tuple[str, bytes]:
         """(envelope sender, the message as sent). The common shape is written directly
-        (engine.channels.mime, ~70x cheaper); anything it declines goes through
+        (engine.channels.mime, ~40x cheaper); anything it declines goes through
         EmailMessage. Raises ValueError like build_email."""
+        sender, data = self.plain_bytes(message)
+        if data is not None:
+            return sender, data
+        sender, email = self.build_email(message)
+        return sender, email.as_bytes(policy=email.policy)
+
+    def plain_bytes(self, message: OutboundMessage) -> tuple[str, bytes | None]:
+        """(envelope sender, the message written directly), or None for the bytes when
+        the direct path declines it."""
         content = message.content
         sender = content.get("from_email") or self.default_from_email
         from_name = content.get("from_name")
@@ -196,10 +205,8 @@ class SmtpChannel(Channel):
                 text=content.get("text"),
                 html=content.get("html"),
             )
-            if data is not None:
-                return sender, data
-        sender, email = self.build_email(message)
-        return sender, email.as_bytes(policy=email.policy)
+            return sender, data
+        return sender, None
 
     def build_email(self, message: OutboundMessage) -> tuple[str, EmailMessage]:
         """(envelope sender, message). Raises ValueError when the content cannot make a
