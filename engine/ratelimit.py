@@ -134,6 +134,13 @@ class RateLimiter:
             if not active:
                 return 0.0  # nothing limited, nothing to record: no round trip at all
             return self._take_in_memory(active, (self.clock.now() - _EPOCH) // _MICROSECOND)
+        if not active:  # only the journal entry: two plain commands in one round trip
+            assert journal is not None
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(journal.key, journal.field, journal.value)
+            pipe.pexpire(journal.key, journal.ttl_ms)
+            pipe.execute()
+            return 0.0
         now = (self.clock.now() - _EPOCH) // _MICROSECOND
         keys = [KEY_PREFIX + key for key, _ in active]
         args = [now, IDLE_EXPIRE_MS, len(active), *(repr(rate) for _, rate in active)]

@@ -460,6 +460,9 @@ def test_rows_taken_back_after_the_lease_are_not_recorded_twice(
 
     def reclaimed_by_another_worker(calls: int) -> None:
         if calls == 1:
+            # We stalled (a long GC pause, a frozen VM) past our lease, so the rows could
+            # be taken back; the checkpoint renews once half the lease is gone and finds out.
+            clock.set(NOW + timedelta(seconds=LEASE_SECONDS + 1))
             with factory() as other:
                 other.execute(
                     update(Delivery)

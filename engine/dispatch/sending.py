@@ -387,13 +387,17 @@ def _checkpoint(
     """Between two chunks: keep the lease on the rows still to send, and stop (handing
     them back) if the campaign was paused or cancelled meanwhile. Returns the rows to
     go on with."""
-    lease = now + timedelta(seconds=lease_seconds)
-    still_ours = _renew(session, batch, rest, lease)
-    if len(still_ours) < len(rest):
-        log.warning("lease lost on %d row(s) of a batch", len(rest) - len(still_ours))
-        batch.stopped = batch.stopped or "lease lost"
-    batch.lease = lease
-    rest = [row for row in rest if row.id in still_ours]
+    # Renewing rewrites every remaining row (and its index entries: lease_expires_at is
+    # in a partial index, so no HOT update), so it is done only once half the lease is
+    # gone. Before that nobody can have taken the rows back: reclaiming waits for expiry.
+    if batch.lease - now < timedelta(seconds=lease_seconds / 2):
+        lease = now + timedelta(seconds=lease_seconds)
+        still_ours = _renew(session, batch, rest, lease)
+        if len(still_ours) < len(rest):
+            log.warning("lease lost on %d row(s) of a batch", len(rest) - len(still_ours))
+            batch.stopped = batch.stopped or "lease lost"
+        batch.lease = lease
+        rest = [row for row in rest if row.id in still_ours]
     status = session.scalar(select(Campaign.status).where(Campaign.id == batch.campaign_id))
     if status == "running":
         return rest
