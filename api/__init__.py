@@ -23,6 +23,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         health,
         sources,
         suppressions,
+        tracking,
         unsubscribe,
         webhooks,
     )
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         unsubscribe,
         suppressions,
         webhooks,
+        tracking,
     ):
         openapi.register_blueprint(resource.blp)
     app.register_blueprint(health.blp)
