@@ -84,6 +84,90 @@ class ChannelStatsOut(Schema):
     )
 
 
+class LinkStatsOut(Schema):
+    link_id = fields.Integer(required=True)
+    url = fields.String(
+        required=True,
+        metadata={"description": "as written in the template; a dynamic link's template text"},
+    )
+    dynamic = fields.Boolean(
+        required=True, metadata={"description": "built per contact ({{ … }} in the URL)"}
+    )
+    unique_clicks = fields.Integer(
+        required=True, metadata={"description": "messages whose recipient clicked it"}
+    )
+    total_clicks = fields.Integer(required=True, metadata={"description": "people's clicks"})
+    machine_clicks = fields.Integer(
+        required=True, metadata={"description": "clicks by scanners, previews and bots"}
+    )
+
+
+class HourStatsOut(Schema):
+    hour = fields.DateTime(required=True, metadata={"description": "the hour's start (UTC)"})
+    sent = fields.Integer(required=True)
+    delivered = fields.Integer(required=True)
+    opened = fields.Integer(required=True, metadata={"description": "first human opens"})
+    clicked = fields.Integer(required=True, metadata={"description": "first human clicks"})
+
+
+_Rates = Schema.from_dict(
+    {
+        name: fields.Float(allow_none=True, required=True, metadata={"description": doc})
+        for name, doc in (
+            ("delivery", "delivered / sent"),
+            ("open", "human opens / rate_base"),
+            ("click", "human clicks (unique) / rate_base"),
+        )
+    },
+    name="EngagementRates",
+)
+_Activity = Schema.from_dict(
+    {
+        "opened": fields.Integer(required=True, metadata={"description": "messages opened"}),
+        "clicked": fields.Integer(required=True, metadata={"description": "messages clicked"}),
+        "clicks": fields.Integer(required=True, metadata={"description": "clicks, repeats too"}),
+    },
+    name="EngagementActivity",
+)
+_Bounces = Schema.from_dict(
+    {"hard": fields.Integer(required=True), "soft": fields.Integer(required=True)},
+    name="EngagementBounces",
+)
+
+
+class ChannelEngagementOut(Schema):
+    channel_id = fields.UUID(required=True)
+    channel = fields.String(required=True, metadata={"enum": list(CHANNEL_TYPES)})
+    rate_base = fields.String(
+        required=True,
+        metadata={
+            "enum": ["delivered", "sent"],
+            "description": "what open and click rates divide by: delivered for sms and "
+            "whatsapp (always reported), sent for email and push",
+        },
+    )
+    rates = fields.Nested(
+        _Rates, required=True, metadata={"description": "null where the divisor is 0"}
+    )
+    humans = fields.Nested(_Activity, required=True)
+    machines = fields.Nested(
+        _Activity,
+        required=True,
+        metadata={"description": "privacy proxies, scanners, previews, bots: not counted"},
+    )
+    bounces = fields.Nested(_Bounces, required=True)
+    complaints = fields.Integer(required=True)
+    failed = fields.Integer(
+        required=True, metadata={"description": "failed after the provider accepted them"}
+    )
+    unsubscribes = fields.Integer(
+        required=True,
+        metadata={"description": "recipients who unsubscribed the address after this message"},
+    )
+    links = fields.List(fields.Nested(LinkStatsOut), required=True)
+    timeline = fields.List(fields.Nested(HourStatsOut), required=True)
+
+
 class CampaignStatsOut(Schema):
     campaign_id = fields.UUID(required=True)
     status = fields.String(required=True, metadata={"enum": list(CAMPAIGN_STATUSES)})
@@ -93,6 +177,16 @@ class CampaignStatsOut(Schema):
     started_at = fields.DateTime(allow_none=True)
     ended_at = fields.DateTime(allow_none=True)
     channels = fields.List(fields.Nested(ChannelStatsOut), required=True)
+    engagement = fields.List(
+        fields.Nested(ChannelEngagementOut),
+        required=True,
+        metadata={"description": "per channel, in the order of `channels`"},
+    )
+    timeline = fields.List(
+        fields.Nested(HourStatsOut),
+        required=True,
+        metadata={"description": "hourly, every channel together"},
+    )
 
 
 class RetryFailedOut(Schema):
