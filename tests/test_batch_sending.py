@@ -153,6 +153,54 @@ def test_rows_locked_by_another_batch_are_skipped_not_waited_for(
     assert assert_counters_match(db_session, scenario) == 6
 
 
+def test_push_fans_out_to_the_tokens_and_dead_tokens_are_dropped(
+    factory, db_session, settings, clock, limiter
+):
+    scenario = make_scenario(db_session, "push", 2)
+    first = scenario.contacts[0]
+    db_session.execute(
+        update(Contact).where(Contact.id == first.id).values(push_tokens=["dead", "alive"])
+    )
+    db_session.commit()
+
+    def answer(message: OutboundMessage) -> SendResult:
+        dead = [t for t in message.push_tokens if t == "dead"]
+        return SendResult.sent(message.delivery_id, f"p-{message.delivery_id}", dead)
+
+    provider = BatchProvider("push", answer=answer)
+    report = run(factory, scenario, settings, clock, limiter, provider)
+    assert report.sent == 2
+    assert [list(m.push_tokens) for m in provider.calls[0]] == [["dead", "alive"], ["token-1"]]
+    assert provider.calls[0][0].content["body"] == "New for gold"
+    db_session.expire_all()
+    assert db_session.get(Contact, first.id).push_tokens == ["alive"]
+    assert assert_counters_match(db_session, scenario) == 2
+
+
+def test_templates_that_need_jinja_get_the_whole_contact(
+    factory, db_session, settings, clock, limiter
+):
+    scenario = make_scenario(db_session, "sms", 2)
+    db_session.execute(
+        update(CampaignChannel)
+        .where(CampaignChannel.id == scenario.channel_id)
+        .values(
+            config={
+                "body": "{{ contact.first_name|upper }} {{ contact.attributes|length }}"
+                " {% if contact.consent.sms %}ok{% endif %} {{ unsubscribe_url[:12] }}"
+            }
+        )
+    )
+    db_session.commit()
+    provider = BatchProvider("sms")
+    run(factory, scenario, settings, clock, limiter, provider)
+    assert [m.content["body"] for m in provider.calls[0]] == [
+        "C0 1 ok http://heral",
+        "C1 1 ok http://heral",
+    ]
+    assert assert_counters_match(db_session, scenario) == 2
+
+
 # -- campaign state, suppression, failures -------------------------------------------------
 
 

@@ -36,14 +36,14 @@ returns None and the caller takes the usual path.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import uuid
-from collections import namedtuple
 from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache
 
-from sqlalchemy import bindparam, exists, select, text
+from sqlalchemy import Row, bindparam, exists, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine.campaigns.rendering import CompiledChannel
@@ -59,6 +59,8 @@ from engine.models import CampaignChannel, Contact, Delivery
 from engine.models.base import UTCDateTime
 from engine.settings import Settings
 from engine.unsubscribe import unsubscribe_url
+
+log = logging.getLogger("herald.dispatch.batch_sending")
 
 _CONTACT_COLUMNS = frozenset(Contact.__table__.c.keys())
 
@@ -94,10 +96,9 @@ def send_whole_batch(
             return BatchReport()
         results, suppressed = _send(rows, compiled, settings, channel)
         changed = _record(session, batch, results, suppressed, now, rng)
-        if any(result.outcome != "sent" for _row, result in results):
-            sending._check_error_threshold(session, batch)
-        sending._drop_invalid_push_tokens(session, batch, results)
-    _complete_if_last(session_factory, batch, last_id, clock)
+        session.commit()  # the batch is sent and recorded
+        # Same session, next transaction: no second connection checkout (and ping).
+        _complete_if_last(session, batch, last_id, clock)
     return BatchReport(
         claimed=len(rows),
         sent=changed.get("sent", 0),
@@ -119,9 +120,12 @@ def send_whole_batch(
 # - the suppression test is an uncorrelated IN, which PostgreSQL runs as one hashed
 #   scan of the user's suppressions for the channel, not one probe per row;
 # - only the contact columns the templates read come back (CompiledChannel knows
-#   them): a row of a few fields instead of every column and two JSON documents.
+#   them): a row of a few fields instead of every column and two JSON documents. They
+#   keep their own names (the delivery's are prefixed), so the row itself is the
+#   contact the templates read: no object is built per row.
 _LOCK = """
-SELECT d.id, d.address, d.attempts, d.contact_id, c.id IS NOT NULL AS has_contact,
+SELECT d.id AS delivery_id, d.address AS delivery_address, d.attempts AS delivery_attempts,
+       d.contact_id AS delivery_contact_id, c.id IS NOT NULL AS has_contact,
        COALESCE({compared}(d.address) IN (
            SELECT {compared}(s.address) FROM suppressions AS s
            WHERE s.user_id = :user_id AND s.channel = :channel_type
@@ -145,7 +149,9 @@ def _lock_statement(channel_type: str, columns: tuple[str, ...]):
         raise ValueError(f"not contact columns: {sorted(unknown)}")
     # Email suppressions match whatever the case (as planning's and the usual path's).
     compared = "lower" if channel_type == "email" else ""
-    sql = _LOCK.format(compared=compared, columns="".join(f", c.{name}" for name in columns))
+    sql = _LOCK.format(
+        compared=compared, columns="".join(f", c.{name} AS {name}" for name in columns)
+    )
     uuid_type = CampaignChannel.__table__.c.id.type
     return text(sql).bindparams(
         bindparam("now", type_=UTCDateTime()),
@@ -155,12 +161,6 @@ def _lock_statement(channel_type: str, columns: tuple[str, ...]):
     )
 
 
-@lru_cache(maxsize=64)
-def _contact_row(columns: tuple[str, ...]) -> type:
-    # What templates read the contact from: attribute access, only the fetched columns.
-    return namedtuple("ContactRow", columns)
-
-
 def _lock(
     session: Session,
     batch: _Batch,
@@ -168,7 +168,7 @@ def _lock(
     first_id: int,
     last_id: int,
     now: datetime,
-) -> list[tuple]:
+) -> list[Row]:
     columns = set(compiled.contact_columns)
     if batch.channel_type == "push":
         columns.add("push_tokens")  # build_message fans a push out to the tokens
@@ -185,38 +185,34 @@ def _lock(
             "now": now,
         },
     ).all()
-    make = _contact_row(ordered)
-    # (id, address, attempts, contact_id, contact or None, suppressed)
-    return [
-        (row[0], row[1], row[2], row[3], make(*row[6:]) if row[4] else None, row[5]) for row in rows
-    ]
+    return rows
 
 
 # -- sending -----------------------------------------------------------------------------
 
 
 def _send(
-    rows: list[tuple], compiled: CompiledChannel, settings: Settings, channel: Channel
-) -> tuple[list[tuple[_Claimed, SendResult]], list[_Claimed]]:
+    rows: list[Row], compiled: CompiledChannel, settings: Settings, channel: Channel
+) -> tuple[list[tuple[Row, SendResult]], list[Row]]:
     """Render every row and make the one provider call. Returns the attempted rows with
     their results, and the suppressed rows (not attempted)."""
     signed = compiled.channel_type == "email" or compiled.shows_unsubscribe_url
-    attempted: list[tuple[_Claimed, SendResult | None]] = []
+    attempted: list[tuple[Row, SendResult | None]] = []
     suppressed = []
     messages: list[OutboundMessage] = []
-    for delivery_id, address, attempts, contact_id, contact, is_suppressed in rows:
-        row = _Claimed(delivery_id, contact_id, address, attempts + 1)  # this attempt
-        if is_suppressed:
+    for row in rows:
+        delivery_id, address = row.delivery_id, row.delivery_address
+        if row.suppressed:
             suppressed.append(row)
             continue
-        if contact is None or not address:
+        if not row.has_contact or not address:
             result = SendResult.permanent(delivery_id, "the contact was erased before sending")
             attempted.append((row, result))
             continue
         try:
             message = build_message(
                 compiled,
-                contact,
+                row,  # the contact's columns, by name
                 message_id=delivery_id,
                 idempotency_key=f"d{delivery_id}",
                 address=address,
@@ -233,7 +229,7 @@ def _send(
         # A provider bug. Rolling back leaves every row queued, as if this worker had
         # died with the call in flight; reconciliation sends them again.
         raise RuntimeError(f"{channel.name} answered {len(answers)} of {len(messages)} messages")
-    return [(row, result or answers[row.id]) for row, result in attempted], suppressed
+    return [(row, result or answers[row.delivery_id]) for row, result in attempted], suppressed
 
 
 # -- recording ---------------------------------------------------------------------------
@@ -284,17 +280,32 @@ SELECT status, count(*) AS n FROM changed GROUP BY status
 def _record(
     session: Session,
     batch: _Batch,
-    results: list[tuple[_Claimed, SendResult]],
-    suppressed: list[_Claimed],
+    results: list[tuple[Row, SendResult]],
+    suppressed: list[Row],
     now: datetime,
     rng: Callable[[], float],
 ) -> dict[str, int]:
     outcomes = [
-        {"id": row.id, "attempts": row.attempts - 1, "status": "suppressed"} for row in suppressed
+        {"id": row.delivery_id, "attempts": row.delivery_attempts, "status": "suppressed"}
+        for row in suppressed
     ]
+    failures = []  # attempts that did not end sent, as the usual path's rows
     for row, result in results:
-        outcome = {"id": row.id, "attempts": row.attempts}
-        outcome.update(sending._outcome(batch, row, result, now, rng))
+        attempt = row.delivery_attempts + 1
+        if result.outcome == "sent" and not result.invalid_push_tokens:
+            outcomes.append(
+                {
+                    "id": row.delivery_id,
+                    "attempts": attempt,
+                    "status": "sent",
+                    "provider_message_id": result.provider_message_id,
+                }
+            )
+            continue
+        claimed = _Claimed(row.delivery_id, row.delivery_contact_id, row.delivery_address, attempt)
+        failures.append((claimed, result))
+        outcome = {"id": row.delivery_id, "attempts": attempt}
+        outcome.update(sending._outcome(batch, claimed, result, now, rng))
         if outcome.get("next_attempt_at") is not None:
             outcome["next_attempt_at"] = sending._stored_timestamp(
                 outcome["next_attempt_at"], batch
@@ -315,31 +326,38 @@ def _record(
     }
     if sum(changed.values()) != len(outcomes):  # cannot happen under the row locks
         raise RuntimeError(f"recorded {sum(changed.values())} of {len(outcomes)} locked rows")
+    if failures:
+        sending._drop_invalid_push_tokens(session, batch, failures)
+        if any(result.outcome != "sent" for _row, result in failures):
+            sending._check_error_threshold(session, batch)
     return changed
 
 
 # -- completion --------------------------------------------------------------------------
 
 
-def _complete_if_last(
-    session_factory: sessionmaker[Session], batch: _Batch, last_id: int, clock: Clock
-) -> None:
+def _complete_if_last(session: Session, batch: _Batch, last_id: int, clock: Clock) -> None:
     """Complete the campaign now if this looks like its channel's last batch, instead of
     leaving it to the next reconciliation (up to RECONCILE_INTERVAL later).
 
-    After our commit, in a new transaction: are any of the channel's rows after our
-    range still queued or sending? That probe starts where the live rows are (the
-    (channel, status, id) index), so it costs one index page per batch; scanning the
-    whole channel each time would walk every row already sent. Only when nothing
+    Runs after the batch's commit, in a new transaction: are any of the channel's rows
+    after our range still queued or sending? That probe starts where the live rows are
+    (the (channel, status, id) index), so it costs one index page per batch; scanning
+    the whole channel each time would walk every row already sent. Only when nothing
     follows does complete_finished run, and it decides exactly, by compare-and-set,
     from everything committed. A tail batch that commits while an earlier one is still
-    open sees that one unfinished and leaves completion to it, or to reconciliation.
+    open sees that one unfinished and leaves completion to it, or to reconciliation,
+    which is also what happens if this step fails: the batch itself is committed.
     """
     after_us = exists().where(
         Delivery.campaign_channel_id == batch.channel_id,
         Delivery.status.in_(UNFINISHED),
         Delivery.id > last_id,
     )
-    with session_scope(session_factory) as session:
+    try:
         if not session.scalar(select(after_us)):
             complete_finished(session, clock.now(), campaign_id=batch.campaign_id)
+        session.commit()
+    except Exception:
+        session.rollback()
+        log.warning("completing campaign %s after a batch failed", batch.campaign_id, exc_info=True)
