@@ -407,3 +407,18 @@ def test_links_are_written_once_per_channel_and_a_new_config_only_adds(db_sessio
     assert after[-1].url == "https://shop.example/new"
     count = db_session.scalar(select(CampaignLink.id).order_by(CampaignLink.id.desc()).limit(1))
     assert count == after[-1].id
+
+
+def test_tags_are_hmac_sha256_truncated_to_128_bits():
+    import base64
+    import hashlib
+    import hmac
+
+    from engine.tracking.opens import OPEN_SALT, signer
+
+    key = hmac.new(SETTINGS.secret_key.encode(), OPEN_SALT.encode(), hashlib.sha256).digest()
+    for message in ("7", "123456789.42", "x" * 500, "é"):
+        expected = hmac.new(key, message.encode(), hashlib.sha256).digest()[:16]
+        tag = signer(SETTINGS.secret_key, OPEN_SALT).tag(message)
+        assert base64.urlsafe_b64decode(tag + "==") == expected
+        assert len(tag) == 22 and "=" not in tag

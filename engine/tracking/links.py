@@ -63,7 +63,7 @@ from sqlalchemy.orm import Session
 from engine.db import insert_ignoring_conflicts
 from engine.models.links import URL_MAX_BYTES, CampaignLink
 from engine.settings import Settings
-from engine.tracking.opens import OPEN_PATH, OPEN_SALT, keyed_mac, pixel_tag, tag_of
+from engine.tracking.opens import OPEN_PATH, OPEN_SALT, pixel_tag, signer
 
 CLICK_SALT = "herald.track.click"
 CLICK_PATH = "/t/c/"
@@ -101,7 +101,7 @@ ESC = "\x1b"
 
 
 def marker_delimiter(settings: Settings) -> str:
-    return ESC + tag_of(keyed_mac(settings.secret_key, MARKER_SALT), "marker")[:12]
+    return ESC + signer(settings.secret_key, MARKER_SALT).tag("marker")[:12]
 
 
 # -- finding links in a channel's templates (compile time) -------------------------------
@@ -257,18 +257,26 @@ def utm_parameters(config: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
 def with_utm(url: str, parameters: tuple[tuple[str, str], ...]) -> str:
     """`url` with the UTM parameters it does not have yet, after its own query and
     before its fragment. Its existing query is kept byte for byte."""
-    if not parameters:
+    return _append_utm(url, _encoded(parameters))
+
+
+def _encoded(parameters: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    # Each (name, "name=value" percent-encoded): encoded once per channel, not per link.
+    return tuple((key, f"{key}={quote(value, safe='')}") for key, value in parameters)
+
+
+def _append_utm(url: str, encoded: tuple[tuple[str, str], ...]) -> str:
+    if not encoded:
         return url
     base, hash_mark, fragment = url.partition("#")
     path, _, query = base.partition("?")
-    present = set()
     if "utm_" in query:
         present = {unquote_plus(part.split("=", 1)[0]) for part in query.split("&") if part}
-    added = "&".join(
-        f"{key}={quote(value, safe='')}" for key, value in parameters if key not in present
-    )
-    if not added:
-        return url
+        added = "&".join(pair for key, pair in encoded if key not in present)
+        if not added:
+            return url
+    else:
+        added = "&".join(pair for _key, pair in encoded)
     joined = f"{query}&{added}" if query and not query.endswith("&") else f"{query}{added}"
     return f"{path}?{joined}{hash_mark}{fragment}"
 
@@ -345,11 +353,10 @@ def _encode(destination: str) -> str:
 def click_token(
     settings: Settings, delivery_id: int, link_id: int, destination: str | None = None
 ) -> str:
-    mac = keyed_mac(settings.secret_key, CLICK_SALT)
     signed = f"{delivery_id}.{link_id}"
     if destination is not None:
         signed = f"{signed}.{_encode(destination)}"
-    return f"{signed}.{tag_of(mac, signed)}"
+    return f"{signed}.{signer(settings.secret_key, CLICK_SALT).tag(signed)}"
 
 
 def read_click_token(settings: Settings, token: object) -> ClickToken | None:
@@ -364,7 +371,7 @@ def read_click_token(settings: Settings, token: object) -> ClickToken | None:
         return None
     signed, _, tag = token.rpartition(".")
     # Compared as text: base64 leaves spare bits in the last character.
-    if not hmac.compare_digest(tag_of(keyed_mac(settings.secret_key, CLICK_SALT), signed), tag):
+    if not hmac.compare_digest(signer(settings.secret_key, CLICK_SALT).tag(signed), tag):
         return None
     destination = None
     if match.re is _DYNAMIC_TOKEN:
@@ -402,9 +409,9 @@ class Tracking:
         self.channel_type = channel_type
         self._click_prefix = f"{base}{CLICK_PATH}"
         self._open_prefix = f"{base}{OPEN_PATH}"
-        self._click_mac = keyed_mac(settings.secret_key, CLICK_SALT)
-        self._open_mac = keyed_mac(settings.secret_key, OPEN_SALT)
-        self._utm = utm_parameters(config)
+        self._click = signer(settings.secret_key, CLICK_SALT)
+        self._open = signer(settings.secret_key, OPEN_SALT)
+        self._utm = _encoded(utm_parameters(config))
         mark = self._mark = marker_delimiter(settings)
         ids = {(link.url, link.dynamic): link.id for link in links}
         marked: dict[str, Any] = dict(config)
@@ -497,10 +504,10 @@ class Tracking:
         return "".join(parts)
 
     def _click_url(self, signed: str) -> str:
-        return f"{self._click_prefix}{signed}.{tag_of(self._click_mac, signed)}"
+        return f"{self._click_prefix}{signed}.{self._click.tag(signed)}"
 
     def _pixel(self, delivery_id: int) -> str:
-        token = f"{delivery_id}.{tag_of(self._open_mac, str(delivery_id))}"
+        token = f"{delivery_id}.{self._open.tag(str(delivery_id))}"
         return pixel_tag(f"{self._open_prefix}{token}")
 
     def _dynamic_url(self, link_id: int, rendered: str, delivery_id: int, *, html: bool) -> str:
@@ -511,7 +518,7 @@ class Tracking:
             or _UNSAFE.search(destination)
         ):
             return rendered  # left as rendered, untracked
-        encoded = _encode(with_utm(destination, self._utm))
+        encoded = _encode(_append_utm(destination, self._utm))
         return self._click_url(f"{delivery_id}.{link_id}.{encoded}")
 
 

@@ -10,6 +10,7 @@ No expiry: mail is opened years later.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import re
@@ -20,29 +21,48 @@ from engine.settings import Settings
 OPEN_SALT = "herald.track.open"
 OPEN_PATH = "/t/o/"
 _TAG_BYTES = 16
+_TAG_CHARS = 22  # 16 bytes in base64, without the "==" padding
+_BLOCK = 64  # SHA-256's block size
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _TOKEN = re.compile(r"([1-9][0-9]{0,18})\.[A-Za-z0-9_-]{22}")
 
 # The smallest transparent GIF (1x1, one transparent colour): 43 bytes.
 PIXEL_GIF = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 
 
+class Signer:
+    """HMAC-SHA256 under one key, truncated to 128 bits, base64url: a token's tag.
+
+    The key's inner and outer pad states are hashed once (RFC 2104), so a tag costs two
+    SHA-256 state copies and finishes, all in C: the sender signs several links per
+    message at tens of thousands of messages a second, and hmac.HMAC's Python wrapper
+    costs as much again."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        block = key.ljust(_BLOCK, b"\0")  # a derived 32-byte key: never longer than a block
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def tag(self, message: str) -> str:
+        inner = self._inner.copy()
+        inner.update(message.encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        encoded = binascii.b2a_base64(outer.digest()[:_TAG_BYTES], newline=False)
+        return encoded[:_TAG_CHARS].translate(_URLSAFE).decode()
+
+
 @lru_cache(maxsize=8)
-def keyed_mac(secret_key: str, salt: str) -> hmac.HMAC:
-    """HMAC-SHA256 state keyed with a per-purpose key derived from SECRET_KEY; callers
-    copy it per token instead of rekeying (shared with engine/tracking/links.py)."""
-    key = hmac.new(secret_key.encode(), salt.encode(), hashlib.sha256).digest()
-    return hmac.new(key, digestmod=hashlib.sha256)
-
-
-def tag_of(mac: hmac.HMAC, message: str) -> str:
-    signed = mac.copy()
-    signed.update(message.encode())
-    return base64.urlsafe_b64encode(signed.digest()[:_TAG_BYTES]).rstrip(b"=").decode()
+def signer(secret_key: str, salt: str) -> Signer:
+    """The Signer of one purpose: its key is derived from SECRET_KEY and the purpose's
+    salt, so no tag of one purpose verifies as another's (shared with links.py)."""
+    return Signer(hmac.new(secret_key.encode(), salt.encode(), hashlib.sha256).digest())
 
 
 def open_token(settings: Settings, delivery_id: int) -> str:
-    mac = keyed_mac(settings.secret_key, OPEN_SALT)
-    return f"{delivery_id}.{tag_of(mac, str(delivery_id))}"
+    return f"{delivery_id}.{signer(settings.secret_key, OPEN_SALT).tag(str(delivery_id))}"
 
 
 def open_url(settings: Settings, delivery_id: int) -> str:
