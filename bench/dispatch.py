@@ -154,9 +154,11 @@ class Workers:
     app_name: str
     count: int
     concurrency: int
+    pool: str = "prefork"
     procs: list[subprocess.Popen] = field(default_factory=list)
     peak_kb: dict[int, tuple[str, int]] = field(default_factory=dict)
     peak_pss_kb: dict[int, int] = field(default_factory=dict)
+    cpu_s: dict[int, float] = field(default_factory=dict)
 
     def start(self) -> None:
         for i in range(self.count):
@@ -165,7 +167,7 @@ class Workers:
                     [
                         CELERY, "-A", self.app_name, "worker",
                         "-Q", ",".join(QUEUES), "--concurrency", str(self.concurrency),
-                        "--loglevel", "WARNING", "-P", "prefork", "--without-gossip",
+                        "--loglevel", "WARNING", "-P", self.pool, "--without-gossip",
                         "--without-mingle", "-n", f"bench{i}-{uuid.uuid4().hex[:6]}@%h",
                     ],
                     cwd=ROOT, env=worker_env(), start_new_session=True,
@@ -173,9 +175,13 @@ class Workers:
             )  # fmt: skip
 
     def wait_ready(self, timeout: float = 60) -> None:
+        # A solo pool runs tasks in the worker process itself: no children to wait for.
+        wanted = 0 if self.pool == "solo" else self.concurrency
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(len(children(p.pid)) >= self.concurrency for p in self.procs):
+            if all(len(children(p.pid)) >= wanted for p in self.procs):
+                if wanted == 0:
+                    time.sleep(3)  # no child to show the worker has booted
                 return
             if any(p.poll() is not None for p in self.procs):
                 raise RuntimeError("a worker exited during startup")
@@ -192,6 +198,13 @@ class Workers:
                 pss = pss_kb(pid)
                 if pss is not None:
                     self.peak_pss_kb[pid] = max(pss, self.peak_pss_kb.get(pid, 0))
+                cpu = cpu_seconds(pid)
+                if cpu is not None:
+                    self.cpu_s[pid] = max(cpu, self.cpu_s.get(pid, 0.0))
+
+    def cpu_since_ready(self, baseline: dict[int, float]) -> float:
+        """CPU seconds the worker processes used since `baseline` (a copy of cpu_s)."""
+        return sum(cpu - baseline.get(pid, 0.0) for pid, cpu in self.cpu_s.items())
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -225,6 +238,26 @@ def _proc_kb(path: Path, field: str) -> int | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def database_cpu(factory) -> dict[int, float]:
+    """CPU seconds of every PostgreSQL backend connected to the bench database, by pid
+    (the server runs on this host). Backends of one private database are this run's."""
+    with session_scope(factory) as session:
+        pids = session.scalars(
+            text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        ).all()
+    return {pid: cpu for pid in pids if (cpu := cpu_seconds(pid)) is not None}
+
+
 def pss_kb(pid: int) -> int | None:
     """Proportional set size: RSS with pages shared after fork split between sharers."""
     return _proc_kb(Path(f"/proc/{pid}/smaps_rollup"), "Pss")
@@ -235,6 +268,17 @@ def vm_hwm_kb(pid: int) -> int | None:
 
 
 # -- data --------------------------------------------------------------------------------
+
+
+def vacuum(engine) -> None:
+    """VACUUM ANALYZE what the bench writes. This server runs with autovacuum off, so
+    every earlier run's deleted rows would otherwise stay in the tables and indexes
+    (gigabytes after a few runs) and slow this one down; with autovacuum on, a
+    production database is kept about this clean."""
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        for table in ("deliveries", "contacts", "campaign_channels", "campaigns"):
+            conn.execute(text(f"VACUUM ANALYZE {table}"))
 
 
 def create_user_and_contacts(factory, n: int) -> uuid.UUID:
@@ -297,6 +341,13 @@ class Run:
     last_sent_s: float
     peak_kb: dict[int, tuple[str, int]]
     peak_pss_kb: dict[int, int]
+    # Seconds from launch until each channel was planned (batch engine only).
+    channel_planned_s: dict[str, float] = field(default_factory=dict)
+    # CPU seconds used during the timed part: worker processes, PostgreSQL backends.
+    worker_cpu_s: float = 0.0
+    db_cpu_s: float = 0.0
+    # Per worker process: CPU seconds used during the timed part.
+    cpu_s: dict[int, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -309,10 +360,14 @@ class Run:
 
 def run_engine(factory, args, user_id: uuid.UUID) -> tuple[Run, uuid.UUID]:
     campaign_id, channels = create_campaign(factory, user_id, "bench batch")
-    workers = Workers("workers", args.workers, args.concurrency)
+    workers = Workers("workers", args.workers, args.concurrency, args.pool)
+    channel_planned_s: dict[str, float] = {}
     try:
         workers.start()
         workers.wait_ready()
+        workers.sample_rss()
+        worker_cpu_before = dict(workers.cpu_s)
+        db_cpu_before = database_cpu(factory)
         with session_scope(factory) as session:
             transition(session, user_id, campaign_id, "launch")
         launched = time.perf_counter()
@@ -326,19 +381,26 @@ def run_engine(factory, args, user_id: uuid.UUID) -> tuple[Run, uuid.UUID]:
             if now > deadline:
                 raise RuntimeError("engine run timed out")
             with session_scope(factory) as session:
-                statuses = session.execute(
-                    select(CampaignChannel.status).where(
+                kinds = session.execute(
+                    select(CampaignChannel.channel_type, CampaignChannel.status).where(
                         CampaignChannel.campaign_id == campaign_id
                     )
-                ).scalars().all()  # fmt: skip
+                ).all()  # fmt: skip
                 status = session.scalar(select(Campaign.status).where(Campaign.id == campaign_id))
+            statuses = [channel_status for _kind, channel_status in kinds]
+            for kind, channel_status in kinds:
+                if channel_status in ("planned", "done") and kind not in channel_planned_s:
+                    channel_planned_s[kind] = time.perf_counter() - launched
             if planning_s is None and all(s in ("planned", "done") for s in statuses):
                 planning_s = time.perf_counter() - launched
                 if args.plan_only:
                     print(f"planning only: {args.contacts:,} x 2 channels in {planning_s:.2f} s")
+                    for kind, seconds in sorted(channel_planned_s.items(), key=lambda i: i[1]):
+                        print(f"  {kind} planned at {seconds:.2f} s after launch")
                     raise SystemExit(0)
             if status == "completed":
                 completed_s = time.perf_counter() - launched
+                db_cpu_after = database_cpu(factory)  # before the workers' backends go
                 break
             if status != "running":
                 raise RuntimeError(f"campaign became {status}")
@@ -364,6 +426,12 @@ def run_engine(factory, args, user_id: uuid.UUID) -> tuple[Run, uuid.UUID]:
             last_sent_s=(last_sent - launched_at).total_seconds(),
             peak_kb=workers.peak_kb,
             peak_pss_kb=workers.peak_pss_kb,
+            channel_planned_s=channel_planned_s,
+            worker_cpu_s=workers.cpu_since_ready(worker_cpu_before),
+            cpu_s={
+                pid: cpu - worker_cpu_before.get(pid, 0.0) for pid, cpu in workers.cpu_s.items()
+            },
+            db_cpu_s=sum(cpu - db_cpu_before.get(pid, 0.0) for pid, cpu in db_cpu_after.items()),
         ),
         campaign_id,
     )
@@ -384,7 +452,7 @@ def run_naive(factory, args, user_id: uuid.UUID) -> tuple[Run, uuid.UUID]:
             .limit(args.naive_sample)
         ).all()
     expected = len(sample) * len(channels)
-    workers = Workers("bench.dispatch", args.workers, args.concurrency)
+    workers = Workers("bench.dispatch", args.workers, args.concurrency, args.pool)
     try:
         workers.start()
         workers.wait_ready()
@@ -470,6 +538,7 @@ def rss_lines(label: str, run: Run) -> list[str]:
     return [
         f"  {label:6} pid {pid:>7} ({role:6})  peak RSS {kb / 1024:6.1f} MB"
         f"  peak PSS {run.peak_pss_kb.get(pid, 0) / 1024:6.1f} MB"
+        + (f"  CPU {run.cpu_s[pid]:5.1f} s" if pid in run.cpu_s else "")
         for pid, (role, kb) in sorted(run.peak_kb.items())
     ]
 
@@ -490,6 +559,7 @@ def main() -> None:
     parser.add_argument("--naive-sample", type=int, default=10_000, help="naive recipients")
     parser.add_argument("--workers", type=int, default=1, help="celery worker processes")
     parser.add_argument("--concurrency", type=int, default=2, help="children per worker")
+    parser.add_argument("--pool", default="prefork", help="celery worker pool (-P)")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--keep", action="store_true", help="keep the bench user's rows")
     parser.add_argument("--skip-naive", action="store_true")
@@ -503,6 +573,7 @@ def main() -> None:
     engine = make_engine(get_settings())
     factory = make_session_factory(engine)
     purge_queues()
+    vacuum(engine)
     started = time.perf_counter()
     user_id = create_user_and_contacts(factory, args.contacts)
     print(f"{args.contacts:,} contacts created in {time.perf_counter() - started:.1f} s")
@@ -520,9 +591,14 @@ def main() -> None:
         n = args.contacts
         print()
         print(f"Dispatch bench: {n:,} recipients x 2 channels (email, sms), null provider,")
-        print(f"{args.workers} worker(s) x concurrency {args.concurrency}, {os.cpu_count()} CPUs")
+        print(
+            f"{args.workers} worker(s) x concurrency {args.concurrency} ({args.pool}),"
+            f" {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end"
+        )
         print(f"{'':34}{'messages':>10}{'seconds':>10}{'msg/s':>10}")
         print(f"{'batch: planning (launch→planned)':34}{2 * n:>10,}{batch.planning_s:>10.2f}")
+        for kind, seconds in sorted(batch.channel_planned_s.items(), key=lambda i: i[1]):
+            print(f"{f'  {kind} planned at':34}{n:>10,}{seconds:>10.2f}")
         print(
             f"{'batch: launch → completed':34}{batch.sent:>10,}"
             f"{batch.completed_s:>10.2f}{batch.rate:>10,.0f}"
@@ -530,6 +606,12 @@ def main() -> None:
         print(
             f"{'batch: launch → last sent_at':34}{batch.sent:>10,}"
             f"{batch.last_sent_s:>10.2f}{batch.send_rate:>10,.0f}"
+        )
+        cpu = batch.worker_cpu_s + batch.db_cpu_s
+        print(
+            f"batch CPU, launch → completed: workers {batch.worker_cpu_s:.1f} s,"
+            f" PostgreSQL {batch.db_cpu_s:.1f} s = {1e6 * cpu / batch.sent:.0f} µs per message;"
+            f" at {os.cpu_count()} busy CPUs that is {batch.sent * os.cpu_count() / cpu:,.0f} msg/s"
         )
         if naive:
             print(
