@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import and_, exists, select
+from sqlalchemy import and_, bindparam, exists, select
 from sqlalchemy.orm import Session
 
 from engine.models import Delivery, DeliveryEvent
+from engine.models.base import UTCDateTime
 from engine.models.links import CampaignLink
 from engine.settings import Settings
 from engine.tracking import recording
@@ -31,6 +32,38 @@ from engine.tracking.recording import Event
 
 SOURCE = "tracking"
 USER_AGENT_MAX = 300
+
+_deliveries = Delivery.__table__
+_links = CampaignLink.__table__
+_events = DeliveryEvent.__table__
+# The hot read of a click, one statement: the link's destination joined through the
+# delivery's own channel (a valid token can only name that channel's links), the
+# delivery's sent_at for the too-soon rule, and whether another link of the same message
+# was clicked within the burst window (the delivery_id index). Built once from table
+# columns with bind parameters: building an ORM select per click cost ~1.5 ms of Python.
+_CLICK_LOOKUP = (
+    select(
+        _deliveries.c.sent_at,
+        _links.c.destination,
+        _links.c.dynamic,
+        exists()
+        .where(
+            _events.c.delivery_id == _deliveries.c.id,
+            _events.c.kind == "clicked",
+            _events.c.occurred_at > bindparam("since", type_=UTCDateTime()),
+            _events.c.detail["link"].as_integer() != bindparam("link_id"),
+        )
+        .label("burst"),
+    )
+    .join(
+        _links,
+        and_(
+            _links.c.campaign_channel_id == _deliveries.c.campaign_channel_id,
+            _links.c.id == bindparam("link_id"),
+        ),
+    )
+    .where(_deliveries.c.id == bindparam("delivery_id"))
+)
 
 
 def record_open(session: Session, settings: Settings, token: str, hit: Hit, now: datetime) -> bool:
@@ -60,33 +93,20 @@ def record_click(
     clicked = read_click_token(settings, token)
     if clicked is None:
         return None
-    # The hot read of a click, one statement: the link's destination joined through the
-    # delivery's own channel (a valid token can only name that channel's links), the
-    # delivery's sent_at for the too-soon rule, and whether another link of the same
-    # message was clicked within the burst window (served by the delivery_id index).
-    burst = exists().where(
-        DeliveryEvent.delivery_id == Delivery.id,
-        DeliveryEvent.kind == "clicked",
-        DeliveryEvent.occurred_at > now - BURST_WINDOW,
-        DeliveryEvent.detail["link"].as_integer() != clicked.link_id,
-    )
     row = session.execute(
-        select(Delivery.sent_at, CampaignLink.destination, CampaignLink.dynamic, burst)
-        .join(
-            CampaignLink,
-            and_(
-                CampaignLink.campaign_channel_id == Delivery.campaign_channel_id,
-                CampaignLink.id == clicked.link_id,
-            ),
-        )
-        .where(Delivery.id == clicked.delivery_id)
+        _CLICK_LOOKUP,
+        {
+            "delivery_id": clicked.delivery_id,
+            "link_id": clicked.link_id,
+            "since": now - BURST_WINDOW,
+        },
     ).first()
     if row is None:
         return None
     destination = clicked.destination if row.dynamic else row.destination
     if destination is None:  # a static token for a dynamic link, or the reverse
         return None
-    verdict = judge_click(hit, sent_at=row.sent_at, now=now, other_link_just_clicked=row[3])
+    verdict = judge_click(hit, sent_at=row.sent_at, now=now, other_link_just_clicked=row.burst)
     event = Event(
         kind="clicked",
         source=SOURCE,
