@@ -110,7 +110,9 @@ def test_rows_go_from_queued_to_sent_in_one_call_and_one_transaction(
         assert message.idempotency_key == f"d{delivery.id}"
         assert message.address == contact.email
         assert message.content["subject"] == f"Hello {contact.first_name}"
-        assert message.content["html"] == f"<p>Hi {contact.first_name}, tier gold</p>"
+        html = message.content["html"]  # and the open pixel after it (link tracking)
+        assert html.startswith(f"<p>Hi {contact.first_name}, tier gold</p><img src=")
+        assert html.count("/t/o/") == 1
         link = message.content["headers"]["List-Unsubscribe"]
         assert delivery_of(settings, link.strip("<>").rsplit("/", 1)[1]) == delivery.id
     assert assert_counters_match(db_session, scenario) == 30

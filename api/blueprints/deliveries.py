@@ -51,8 +51,8 @@ _not_found = blp.alt_response(404, schema=ErrorEnvelope, description="not yours,
                 "text/csv": {
                     "schema": {"type": "string"},
                     "example": "id,channel,contact_id,address,status,...\r\n",
-                }
-            }
+                },
+            },
         }
     }
 )

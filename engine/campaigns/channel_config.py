@@ -6,6 +6,7 @@
 | sms      | body*, sender                                                           |
 | push     | title*, body*, data (object of strings), image_url, url (http/https)    |
 | whatsapp | exactly one of template {name*, language*, parameters} or body          |
+| (all)    | utm {source, medium, campaign}: appended to tracked links' destinations |
 
 (* required.) Template fields (email subject/html/text, sms body, push title/body,
 whatsapp body and each template parameter) are checked as templates when written.
@@ -28,6 +29,7 @@ from engine.campaigns.checks import (
     reject_unknown_keys,
 )
 from engine.campaigns.templates import template_problems
+from engine.tracking.links import utm_problems
 
 WHATSAPP_SESSION_WARNING = (
     "a free-form WhatsApp body only reaches contacts who wrote to you in the last 24 hours; "
@@ -109,7 +111,19 @@ def validate_channel_config(
         problems.add(prefix, "must be an object")
         problems.raise_if_any("invalid channel config")
     validate = _VALIDATORS[channel_type]
-    config = validate(problems, raw, prefix, allowed_from_domains)
+    # `utm` (source, medium, campaign) is allowed on every channel: link tracking
+    # appends it to each destination (engine.tracking.links).
+    utm = raw.get("utm")
+    config = validate(
+        problems, {k: v for k, v in raw.items() if k != "utm"}, prefix, allowed_from_domains
+    )
+    for path, messages in utm_problems(utm, f"{prefix}.utm").items():
+        for message in messages:
+            problems.add(path, message)
+    if isinstance(utm, Mapping) and not problems.fields:
+        kept = {k: v.strip() for k, v in utm.items() if isinstance(v, str)}
+        if kept:
+            config["utm"] = kept
     if not problems.fields:
         for field in template_fields(channel_type, config):
             for problem in template_problems(field.source, html=field.html):

@@ -10,7 +10,7 @@ template context; the others through Jinja as before.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2 import Template
 
@@ -27,6 +27,9 @@ from engine.campaigns.templates import (
     render_template,
     uses_unsubscribe_url,
 )
+
+if TYPE_CHECKING:
+    from engine.tracking.links import Tracking
 
 # Every contact column a template can read through contact_context.
 ALL_CONTACT_COLUMNS = frozenset(
@@ -49,9 +52,22 @@ class CompiledChannel:
     # Containers of the config that hold templates (("template", "parameters"), …):
     # render() copies these, and only these, before writing rendered text into them.
     _containers: tuple[tuple[str | int, ...], ...] = field(default=(), repr=False)
+    # Link and open tracking (engine.tracking.links): the templates compiled are its
+    # marked config, and each rendered message goes through tracking.fill. None for
+    # previews and test sends, which have no delivery to track.
+    tracking: Tracking | None = None
 
     @classmethod
-    def compile(cls, channel_type: str, config: dict[str, Any], campaign: Any) -> CompiledChannel:
+    def compile(
+        cls,
+        channel_type: str,
+        config: dict[str, Any],
+        campaign: Any,
+        *,
+        tracking: Tracking | None = None,
+    ) -> CompiledChannel:
+        if tracking is not None:
+            config = tracking.config
         fields = tuple(template_fields(channel_type, config))
         plain = tuple(plain_template(f.source, html=f.html) for f in fields)
         if all(p is not None for p in plain):
@@ -68,6 +84,7 @@ class CompiledChannel:
             columns,
             any(uses_unsubscribe_url(f.source) for f in fields),
             tuple(sorted(containers, key=len)),
+            tracking,
         )
 
     def render(self, contact: Any, *, unsubscribe_url: str = "") -> dict[str, Any]:

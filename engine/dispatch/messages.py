@@ -28,6 +28,8 @@ def build_message(
     `list_unsubscribe` adds the RFC 8058 headers to an email; a caller whose link does
     not unsubscribe anyone (a test send) leaves them out."""
     content = compiled.render(contact, unsubscribe_url=unsubscribe_url)
+    if compiled.tracking is not None:  # tracked links and the open pixel, this delivery's
+        content = compiled.tracking.fill(content, message_id)
     push_tokens: tuple[str, ...] = ()
     if compiled.channel_type == "email" and list_unsubscribe:
         # RFC 8058 one-click unsubscribe: mailbox providers show an unsubscribe button.

@@ -61,6 +61,7 @@ from engine.models.base import UTCDateTime
 from engine.ratelimit import RateLimiter, wait_seconds
 from engine.services.suppressions import stored_address
 from engine.settings import Settings
+from engine.tracking.links import Tracking, ensure_links
 from engine.tracking.suppression import reason_for_refusal
 from engine.unsubscribe import unsubscribe_url
 
@@ -205,7 +206,13 @@ def _load_batch(
         lease=lease,
         dialect=session.get_bind().dialect.name,
     )
-    return batch, CompiledChannel.compile(channel_type, channel_row.config, campaign)
+    # The channel's links, written to campaign_links by its first batch and only read
+    # by the others; the marked templates are compiled instead of the stored ones.
+    links = ensure_links(session, settings, channel_id, channel_type, channel_row.config)
+    tracking = Tracking(settings, channel_type, channel_row.config, links)
+    return batch, CompiledChannel.compile(
+        channel_type, channel_row.config, campaign, tracking=tracking
+    )
 
 
 def _claim(
