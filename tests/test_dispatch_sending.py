@@ -525,6 +525,14 @@ def test_unregistered_push_token_is_removed_from_the_contact(
     tokens = sorted(r.json["message"]["token"] for r in fcm_sink.accepted())
     assert tokens == ["alive", "token-1"]
     assert assert_counters_match(db_session, scenario) == 2
+    # Each push carries its delivery's signed token, which the app posts back.
+    from engine.tracking.tokens import DATA_TOKEN_KEY, delivery_of_push_token
+
+    carried = {
+        delivery_of_push_token(settings, r.json["message"]["data"][DATA_TOKEN_KEY])
+        for r in fcm_sink.accepted()
+    }
+    assert carried == set(scenario.delivery_ids)
 
 
 # -- the embedded default ----------------------------------------------------------------

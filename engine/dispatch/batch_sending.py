@@ -58,6 +58,7 @@ from engine.dispatch.sending import BatchReport, _Batch, _Claimed
 from engine.models import CampaignChannel, Contact
 from engine.models.base import UTCDateTime
 from engine.settings import Settings
+from engine.tracking.tokens import push_data
 from engine.unsubscribe import unsubscribe_url
 
 log = logging.getLogger("herald.dispatch.batch_sending")
@@ -223,6 +224,9 @@ def _send(
                 idempotency_key=f"d{delivery_id}",
                 address=address,
                 unsubscribe_url=unsubscribe_url(settings, delivery_id) if signed else "",
+                push_data=(
+                    push_data(settings, delivery_id) if compiled.channel_type == "push" else None
+                ),
             )
         except TemplateRenderError as exc:
             problem = f"template {exc.field}: {exc.problem}"

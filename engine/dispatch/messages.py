@@ -6,6 +6,7 @@ idempotency key, its unsubscribe link)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from engine.campaigns.rendering import CompiledChannel
@@ -21,12 +22,15 @@ def build_message(
     address: str,
     unsubscribe_url: str,
     list_unsubscribe: bool = True,
+    push_data: Mapping[str, str] | None = None,
 ) -> OutboundMessage:
     """The rendered message for `contact` (a Contact or a row with its columns).
 
     Raises TemplateRenderError naming the field when a template fails for this contact.
     `list_unsubscribe` adds the RFC 8058 headers to an email; a caller whose link does
-    not unsubscribe anyone (a test send) leaves them out."""
+    not unsubscribe anyone (a test send) leaves them out. `push_data` (the signed
+    delivered-report token, engine.tracking.tokens.push_data) joins a push's FCM data;
+    Herald's keys win over the template's."""
     content = compiled.render(contact, unsubscribe_url=unsubscribe_url)
     if compiled.tracking is not None:  # tracked links and the open pixel, this delivery's
         content = compiled.tracking.fill(content, message_id)
@@ -40,6 +44,8 @@ def build_message(
         }
     elif compiled.channel_type == "push":
         push_tokens = tuple(str(t) for t in (contact.push_tokens or ()))
+        if push_data:
+            content["data"] = {**(content.get("data") or {}), **push_data}
     return OutboundMessage(
         delivery_id=message_id,
         idempotency_key=idempotency_key,

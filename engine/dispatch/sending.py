@@ -63,6 +63,7 @@ from engine.services.suppressions import stored_address
 from engine.settings import Settings
 from engine.tracking.links import Tracking, ensure_links
 from engine.tracking.suppression import reason_for_refusal
+from engine.tracking.tokens import push_data
 from engine.unsubscribe import unsubscribe_url
 
 log = logging.getLogger("herald.dispatch.sending")
@@ -450,6 +451,7 @@ def _message(
             idempotency_key=f"d{row.id}",
             address=row.address,
             unsubscribe_url=url,
+            push_data=push_data(settings, row.id) if compiled.channel_type == "push" else None,
         )
     except TemplateRenderError as exc:
         return SendResult.permanent(row.id, f"template {exc.field}: {exc.problem}")
