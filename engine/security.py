@@ -18,8 +18,15 @@ MIN_PASSWORD_LENGTH = 10
 MAX_PASSWORD_LENGTH = 256
 
 _hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
-# Verified against when the account does not exist, so unknown emails cost the same time.
-_DUMMY_HASH = _hasher.hash("herald-timing-equaliser")
+
+
+@lru_cache(maxsize=1)
+def _dummy_hash() -> str:
+    """Verified against when the account does not exist, so unknown emails cost the same
+    time as known ones. Computed on the first login of an unknown email, not at import: every worker
+    imports this module, and one Argon2id hash takes 64 MiB, which set every worker
+    parent's peak RSS."""
+    return _hasher.hash("herald-timing-equaliser")
 
 
 def hash_password(password: str) -> str:
@@ -28,7 +35,8 @@ def hash_password(password: str) -> str:
 
 def verify_password(password_hash: str | None, password: str) -> bool:
     try:
-        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        verified = _hasher.verify(password_hash or _dummy_hash(), password)
+        return verified and password_hash is not None
     except (VerificationError, InvalidHashError):
         return False
 
