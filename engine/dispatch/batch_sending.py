@@ -246,8 +246,11 @@ def _send(
 
 # Every outcome of the batch in one statement, PostgreSQL only (this module never runs
 # on SQLite). The outcomes travel as one JSON document (one bind parameter whatever the
-# batch size, so one cached plan). The rows are found by the primary key's range, as in
-# _LOCK and for the same reason (IS TRUE keeps the channel test off every index). No
+# batch size, so one cached plan). Each row is found by its primary key, probed once per
+# outcome: IS TRUE keeps the channel test off every index (as in _LOCK), and there is
+# deliberately no id range, because with one the planner estimated a single matching
+# delivery, put it outside and re-ran jsonb_to_recordset for every row inside a nested
+# loop (500 x 500 rows: 95 ms per 500-row batch, 10 ms without, measured). No
 # compare-and-set on a lease: the rows are locked by this transaction since the SELECT,
 # so status = 'queued' only documents the transition. `bumped` adds to sent_count
 # exactly the rows `changed` made 'sent', in the same statement, so the counter and the
@@ -272,7 +275,7 @@ changed AS (
         failed_at = CASE WHEN o.status = 'failed' THEN :now ELSE d.failed_at END,
         lease_expires_at = NULL
     FROM outcome AS o
-    WHERE d.id = o.id AND d.id BETWEEN :low AND :high
+    WHERE d.id = o.id
       AND (d.campaign_channel_id = :channel_id) IS TRUE AND d.status = 'queued'
     RETURNING d.status
 ),
@@ -331,8 +334,6 @@ def _record(
                 "outcomes": json.dumps(outcomes),
                 "now": now,
                 "channel_id": batch.channel_id,
-                "low": min(o["id"] for o in outcomes),
-                "high": max(o["id"] for o in outcomes),
             },
         )
     }
