@@ -20,6 +20,7 @@ from engine.dispatch.planning import batch_ranges, channels_to_plan, plan_channe
 from engine.dispatch.promotion import promote_due
 from engine.dispatch.reconciliation import DISPATCH_GRACE, reconcile
 from engine.models import Campaign, CampaignChannel, Contact, Delivery, Suppression, User
+from engine.services.contacts import delete_contact
 from tests.campaigns_fixtures import insert_campaign
 from tests.dispatch_helpers import (
     assert_counters_match,
@@ -305,6 +306,67 @@ def test_a_second_planner_skips_a_channel_being_planned(db_session, factory, ali
         first.close()
         second.close()
     assert len(_deliveries(db_session, channel_id)) == 20
+
+
+def test_an_erasure_waits_for_a_planner_and_then_redacts_what_it_planned(
+    db_session, factory, alice, clock
+):
+    """deliveries.contact_id has no foreign key (migration 0008): erasure itself must see
+    the rows a planner is about to commit for the contact it erases."""
+    insert_contacts(db_session, alice["id"], 3)
+    erased = db_session.scalars(select(Contact.id).order_by(Contact.email)).first()
+    campaign_id = _campaign(db_session, alice["id"])
+    channel_id = _channels(db_session, campaign_id)["email"].id
+    planner, eraser = factory(), factory()
+    try:
+        eraser_pid = eraser.scalar(text("SELECT pg_backend_pid()"))
+        assert len(plan_channel(planner, channel_id, clock.now())) == 1  # uncommitted
+
+        def erase() -> None:
+            delete_contact(eraser, alice["id"], erased)
+            eraser.commit()
+
+        racer = threading.Thread(target=erase)
+        racer.start()
+        deadline = datetime.now(UTC) + timedelta(seconds=10)
+        while not _waiting_on_a_lock(db_session, eraser_pid):
+            assert datetime.now(UTC) < deadline, "the erasure never waited for the planner"
+        planner.commit()
+        racer.join(10)
+        assert not racer.is_alive()
+    finally:
+        planner.close()
+        eraser.close()
+    rows = _deliveries(db_session, channel_id)
+    assert len(rows) == 3
+    assert erased not in {row.contact_id for row in rows}
+    assert sorted((row.contact_id is None, row.address is None, row.status) for row in rows) == [
+        (False, False, "queued"),
+        (False, False, "queued"),
+        (True, True, "cancelled"),
+    ]
+
+
+def test_a_planner_skips_a_channel_while_an_erasure_is_uncommitted(
+    db_session, factory, alice, clock
+):
+    insert_contacts(db_session, alice["id"], 3)
+    erased = db_session.scalars(select(Contact.id).order_by(Contact.email)).first()
+    campaign_id = _campaign(db_session, alice["id"])
+    channel_id = _channels(db_session, campaign_id)["email"].id
+    planner, eraser = factory(), factory()
+    try:
+        delete_contact(eraser, alice["id"], erased)  # uncommitted: the channel share-locked
+        assert plan_channel(planner, channel_id, clock.now()) == []
+        planner.rollback()
+        eraser.commit()
+        assert len(plan_channel(planner, channel_id, clock.now())) == 1
+        planner.commit()
+    finally:
+        planner.close()
+        eraser.close()
+    rows = _deliveries(db_session, channel_id)
+    assert len(rows) == 2 and erased not in {row.contact_id for row in rows}
 
 
 def test_a_planner_that_dies_leaves_the_channel_pending_and_empty(db_session, factory, alice):

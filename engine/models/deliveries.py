@@ -59,10 +59,10 @@ class Delivery(Base):
     campaign_channel_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("campaign_channels.id", ondelete="CASCADE"), nullable=False
     )
-    # Cleared when a contact is erased; the row (and so the counters) stays.
-    contact_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("contacts.id", ondelete="SET NULL")
-    )
+    # Cleared when a contact is erased; the row (and so the counters) stays. No foreign
+    # key (migration 0008): its per-row check and KEY SHARE lock were half of planning's
+    # cost. Erasure clears it explicitly, after waiting out planners (delete_contact).
+    contact_id: Mapped[uuid.UUID | None] = mapped_column()
     # The address used at send time, so the log survives edits and erasure (redacted then).
     address: Mapped[str | None] = mapped_column(String(512))
     status: Mapped[str] = mapped_column(

@@ -18,8 +18,9 @@ from sqlalchemy.orm import Session
 from engine.contacts.csv_import import stage_upload
 from engine.contacts.upsert import UpsertResult, upsert_contacts
 from engine.contacts.validation import normalize_email, validate_contact
+from engine.dispatch.planning import PLANNABLE
 from engine.errors import Conflict, ValidationFailed
-from engine.models import Contact, ContactImport, Delivery
+from engine.models import Campaign, CampaignChannel, Contact, ContactImport, Delivery
 from engine.services.ownership import get_owned
 
 MAX_BULK_CONTACTS = 10_000
@@ -69,10 +70,12 @@ def delete_contact(session: Session, user_id: uuid.UUID, contact_id: uuid.UUID |
 
     Its deliveries stay, so campaign counters still equal their rows, but lose the link
     and the address, in one UPDATE; deliveries still queued are cancelled, as there is
-    no one left to send them to. The foreign keys then clear data_events.contact_id and
-    remove its contact_sources links as the contact row goes.
+    no one left to send them to (a planner at work is waited for first). The foreign
+    keys then clear data_events.contact_id and remove its contact_sources links as the
+    contact row goes.
     """
     contact = get_owned(session, Contact, user_id, contact_id, what="contact", for_update=True)
+    _wait_for_planners(session, user_id)
     session.execute(
         update(Delivery)
         .where(Delivery.contact_id == contact.id)
@@ -89,6 +92,24 @@ def delete_contact(session: Session, user_id: uuid.UUID, contact_id: uuid.UUID |
         .execution_options(synchronize_session=False)
     )
     session.expunge(contact)
+
+
+def _wait_for_planners(session: Session, user_id: uuid.UUID) -> None:
+    """Keep planning from committing a delivery for the contact being erased.
+
+    deliveries.contact_id has no foreign key (migration 0008), and a planner inserts
+    from the contacts its statement saw, holding its channel's row lock until commit.
+    Share-locking the user's channels that may be planned waits for any planner at
+    work (its rows are then visible to the UPDATE that follows, which redacts them) and
+    keeps new planners out until this erasure commits: they skip a locked channel, and
+    reconciliation plans it again a few seconds later, without this contact.
+    SQLite has one writer at a time and no row locks; there is nothing to wait for."""
+    session.execute(
+        select(CampaignChannel.id)
+        .join(Campaign, Campaign.id == CampaignChannel.campaign_id)
+        .where(Campaign.user_id == user_id, CampaignChannel.status.in_(PLANNABLE))
+        .with_for_update(of=CampaignChannel, read=True)
+    ).all()
 
 
 def contacts_query(
