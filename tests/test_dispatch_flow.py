@@ -308,15 +308,20 @@ def test_a_second_planner_skips_a_channel_being_planned(db_session, factory, ali
     assert len(_deliveries(db_session, channel_id)) == 20
 
 
+def _three_contacts_one_to_erase(db_session, user_id) -> tuple[uuid.UUID, uuid.UUID]:
+    """(the contact to erase, the email channel of a running campaign reaching all 3)."""
+    insert_contacts(db_session, user_id, 3)
+    erased = db_session.scalars(select(Contact.id).order_by(Contact.email)).first()
+    campaign_id = _campaign(db_session, user_id)
+    return erased, _channels(db_session, campaign_id)["email"].id
+
+
 def test_an_erasure_waits_for_a_planner_and_then_redacts_what_it_planned(
     db_session, factory, alice, clock
 ):
     """deliveries.contact_id has no foreign key (migration 0008): erasure itself must see
     the rows a planner is about to commit for the contact it erases."""
-    insert_contacts(db_session, alice["id"], 3)
-    erased = db_session.scalars(select(Contact.id).order_by(Contact.email)).first()
-    campaign_id = _campaign(db_session, alice["id"])
-    channel_id = _channels(db_session, campaign_id)["email"].id
+    erased, channel_id = _three_contacts_one_to_erase(db_session, alice["id"])
     planner, eraser = factory(), factory()
     try:
         eraser_pid = eraser.scalar(text("SELECT pg_backend_pid()"))
@@ -350,10 +355,7 @@ def test_an_erasure_waits_for_a_planner_and_then_redacts_what_it_planned(
 def test_a_planner_skips_a_channel_while_an_erasure_is_uncommitted(
     db_session, factory, alice, clock
 ):
-    insert_contacts(db_session, alice["id"], 3)
-    erased = db_session.scalars(select(Contact.id).order_by(Contact.email)).first()
-    campaign_id = _campaign(db_session, alice["id"])
-    channel_id = _channels(db_session, campaign_id)["email"].id
+    erased, channel_id = _three_contacts_one_to_erase(db_session, alice["id"])
     planner, eraser = factory(), factory()
     try:
         delete_contact(eraser, alice["id"], erased)  # uncommitted: the channel share-locked
