@@ -146,6 +146,17 @@ def _waiting_on_a_lock(db_session, pid: int) -> bool:
     )
 
 
+def _start_and_wait_for_its_lock(db_session, pid: int, target, failure: str) -> threading.Thread:
+    """Run `target` (which uses the backend `pid`) in a thread, and return once that
+    backend is waiting on a lock, so the scenario can release it."""
+    racer = threading.Thread(target=target)
+    racer.start()
+    deadline = datetime.now(UTC) + timedelta(seconds=10)
+    while not _waiting_on_a_lock(db_session, pid):
+        assert datetime.now(UTC) < deadline, failure
+    return racer
+
+
 def test_two_racing_promotions_promote_each_campaign_once(db_session, factory, alice, clock):
     """Beat A's UPDATE holds the rows while beat B's identical UPDATE waits on them; once
     A commits, B re-checks status = 'scheduled' and promotes nothing."""
@@ -158,13 +169,12 @@ def test_two_racing_promotions_promote_each_campaign_once(db_session, factory, a
     try:
         second_pid = second.scalar(text("SELECT pg_backend_pid()"))
         results["first"] = promote_due(first, now)  # uncommitted: rows locked
-        racer = threading.Thread(
-            target=lambda: results.setdefault("second", promote_due(second, now))
+        racer = _start_and_wait_for_its_lock(
+            db_session,
+            second_pid,
+            lambda: results.setdefault("second", promote_due(second, now)),
+            "the second promotion never reached the lock",
         )
-        racer.start()
-        deadline = datetime.now(UTC) + timedelta(seconds=10)
-        while not _waiting_on_a_lock(db_session, second_pid):
-            assert datetime.now(UTC) < deadline, "the second promotion never reached the lock"
         first.commit()
         racer.join(10)
         second.commit()
@@ -331,11 +341,9 @@ def test_an_erasure_waits_for_a_planner_and_then_redacts_what_it_planned(
             delete_contact(eraser, alice["id"], erased)
             eraser.commit()
 
-        racer = threading.Thread(target=erase)
-        racer.start()
-        deadline = datetime.now(UTC) + timedelta(seconds=10)
-        while not _waiting_on_a_lock(db_session, eraser_pid):
-            assert datetime.now(UTC) < deadline, "the erasure never waited for the planner"
+        racer = _start_and_wait_for_its_lock(
+            db_session, eraser_pid, erase, "the erasure never waited for the planner"
+        )
         planner.commit()
         racer.join(10)
         assert not racer.is_alive()
