@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from dataclasses import replace
 from email import message_from_bytes
 from email import policy as email_policy
 
@@ -19,9 +22,9 @@ from tests.providers.fixtures import (  # noqa: F401
     STALL,
     channel_settings_fixture,
     secure_smtp_server_fixture,
-    smtp_server_fixture,
     smtp_tls_fixture,
 )
+from tests.providers.smtp_sink import SmtpServer
 
 UNSUBSCRIBE = "<http://herald.test/u/tok-41>"
 
@@ -29,6 +32,14 @@ UNSUBSCRIBE = "<http://herald.test/u/tok-41>"
 def email(delivery_id: int = 41, to: str = "ada@example.com", **content) -> OutboundMessage:
     content = {"subject": "Spring sale", "text": "Hello Ada", **content}
     return OutboundMessage(delivery_id, f"d{delivery_id}", to, content)
+
+
+@pytest.fixture(params=[True, False], ids=["pipelining", "stepwise"])
+def smtp_server(request):
+    """Every behaviour below holds on a relay with RFC 2920 PIPELINING (one write for
+    MAIL, RCPT and DATA) and on one without (command by command)."""
+    with SmtpServer(pipelining=request.param) as server:
+        yield server
 
 
 @pytest.fixture
@@ -156,6 +167,22 @@ def test_refused_recipient_550_is_permanent_and_the_session_carries_on(channel, 
     assert after.is_sent
     (received,) = smtp_server.wait_for(1)
     assert received.rcpt_tos == ["ada@example.com"]
+    assert smtp_server.connections == 1
+
+
+def test_a_refused_sender_is_permanent_and_the_session_carries_on(channel, smtp_server):
+    smtp_server.fail_next_mail(1, "550 5.7.1 Sender rejected")
+
+    refused = channel.send(email(delivery_id=1))
+    after = channel.send(email(delivery_id=2))
+
+    assert refused.outcome == "permanent"
+    assert "MAIL FROM" in refused.error and "550" in refused.error
+    # Pipelined, RCPT and DATA were already on their way: their refusals were read, so
+    # the next message's replies are its own.
+    assert after.is_sent
+    (received,) = smtp_server.wait_for(1)
+    assert received.message["Message-ID"] == "<herald.d2@herald.test>"
     assert smtp_server.connections == 1
 
 
@@ -332,3 +359,49 @@ def test_the_direct_mime_path_agrees_with_email_message_on_any_text(subject, tex
     if fast is not None:
         assert fast["bodies"] == slow["bodies"]
         assert fast["headers"] == slow["headers"]
+
+
+def test_a_pipelining_relay_gets_mail_rcpt_and_data_before_answering_any(channel_settings):
+    """RFC 2920 on the wire: a relay that offers PIPELINING and answers nothing until it
+    has the whole envelope. A client going command by command would wait for MAIL's
+    reply that never comes, and time out."""
+    seen: dict[str, list[bytes]] = {}
+
+    def relay(listener: socket.socket) -> None:
+        connection, _ = listener.accept()
+        connection.settimeout(2)
+        with connection, connection.makefile("rb") as lines:
+            connection.sendall(b"220 relay.test ESMTP\r\n")
+            lines.readline()  # EHLO
+            connection.sendall(b"250-relay.test\r\n250 PIPELINING\r\n")
+            seen["envelope"] = [lines.readline() for _ in range(3)]
+            connection.sendall(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 Go ahead\r\n")
+            seen["data"] = list(iter(lines.readline, b".\r\n"))
+            connection.sendall(b"250 2.0.0 queued\r\n")
+            lines.readline()  # QUIT
+            connection.sendall(b"221 2.0.0 Bye\r\n")
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        server = threading.Thread(target=relay, args=(listener,), daemon=True)
+        server.start()
+        settings = replace(
+            channel_settings,
+            email_provider="smtp",
+            smtp_host="127.0.0.1",
+            smtp_port=listener.getsockname()[1],
+            smtp_username="",
+            smtp_password="",
+            smtp_starttls=False,
+        )
+        with SmtpChannel(settings, **FAST_TIMEOUTS) as channel:
+            result = channel.send(email(delivery_id=7, text="Hello\n.hidden dot line"))
+        server.join(5)
+
+    assert (result.outcome, result.error) == ("sent", None)
+    assert seen["envelope"] == [
+        b"MAIL FROM:<campaigns@herald.test>\r\n",
+        b"RCPT TO:<ada@example.com>\r\n",
+        b"DATA\r\n",
+    ]
+    assert b"..hidden dot line\r\n" in seen["data"]  # dot-stuffed (RFC 5321 4.5.2)
+    assert b"Message-ID: <herald.d7@herald.test>\r\n" in seen["data"]

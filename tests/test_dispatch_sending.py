@@ -17,6 +17,7 @@ import redis
 from sqlalchemy import func, select, update
 
 from engine.channels import Channel, channel_for
+from engine.channels.smtp import SmtpChannel
 from engine.clock import FixedClock
 from engine.dispatch.journal import AcceptanceJournal, journal_key
 from engine.dispatch.reconciliation import reconcile
@@ -184,6 +185,32 @@ class Hooked(Channel):
         self.inner.close()
 
 
+class Traced(SmtpChannel):
+    """The real SMTP channel, noting the order of its halves and what the acceptance
+    journal held when each call began."""
+
+    def __init__(self, settings, journal_fields) -> None:
+        super().__init__(settings)
+        self.events: list[tuple[str, int]] = []
+        self.journal_fields = journal_fields
+        self.journaled_at_begin: dict[int, set[str]] = {}
+
+    def prepare(self, message):
+        self.events.append(("prepare", message.delivery_id))
+        return super().prepare(message)
+
+    def begin(self, message):
+        self.events.append(("begin", message.delivery_id))
+        self.journaled_at_begin[message.delivery_id] = self.journal_fields()
+        answer = super().begin(message)
+
+        def traced_answer():
+            self.events.append(("answer", message.delivery_id))
+            return answer()
+
+        return traced_answer
+
+
 # -- the happy path ----------------------------------------------------------------------
 
 
@@ -212,6 +239,41 @@ def test_email_batch_sends_each_row_once_with_unsubscribe_headers(
         assert email["List-Unsubscribe"] == f"<{unsubscribe_url(settings, delivery.id)}>"
         assert email["List-Unsubscribe"].startswith("<http://herald.test/u/")
         assert email["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert assert_counters_match(db_session, scenario) == 3
+
+
+def test_the_next_email_is_built_while_the_relay_answers_and_journaled_calls_stay_serial(
+    factory, db_session, settings, clock, limiter, smtp_server
+):
+    """Each call is begun, the next message is rendered and built, then the answer is
+    read: the work leaves the gap between two calls. Yet each acceptance is in the
+    journal before the next call begins, so one call at most is ever in flight."""
+    scenario = make_scenario(db_session, "email", 3)
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    key = journal_key(scenario.channel_id)
+    channel = Traced(
+        smtp_server.settings(settings), lambda: {f.decode() for f in client.hkeys(key)}
+    )
+    with channel:
+        report = run(
+            factory, scenario, settings, clock, limiter, channel, journal=AcceptanceJournal(client)
+        )
+
+    first, second, third = scenario.delivery_ids
+    assert channel.events == [
+        ("prepare", first), ("begin", first), ("prepare", second), ("answer", first),
+        ("begin", second), ("prepare", third), ("answer", second),
+        ("begin", third), ("answer", third),
+    ]  # fmt: skip
+    assert channel.journaled_at_begin == {
+        first: set(),
+        second: {f"{first}:1"},
+        third: {f"{first}:1", f"{second}:1"},
+    }
+    assert report.sent == 3
+    received = {m.message["Message-ID"] for m in smtp_server.wait_for(3)}
+    assert received == {f"<herald.d{i}@example.com>" for i in scenario.delivery_ids}
+    assert client.exists(key) == 0  # recorded at the checkpoint, then forgotten
     assert assert_counters_match(db_session, scenario) == 3
 
 

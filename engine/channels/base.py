@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Self
 
@@ -43,6 +43,9 @@ class OutboundMessage:
     address: str = ""
     content: Mapping[str, Any] = field(default_factory=dict)
     push_tokens: Sequence[str] = ()
+    # The message as the provider will receive it, when Channel.prepare built it ahead
+    # of the call; None means send() builds it.
+    wire: bytes | None = None
 
     def __post_init__(self) -> None:
         if not _IDEMPOTENCY_KEY.match(self.idempotency_key):
@@ -133,9 +136,29 @@ class Channel(ABC):
     # the dispatcher should call send() per message and record each result in between.
     accepts_batch: ClassVar[bool] = False
 
+    def prepare(self, message: OutboundMessage) -> OutboundMessage:
+        """The message with whatever needs no connection already built (see `wire`).
+
+        The dispatcher prepares the next message while the provider is still answering
+        the current one (engine.dispatch.provider_calls), so work moved here leaves the
+        time between two calls. A message that cannot be built is returned as it is:
+        send() then classifies the failure."""
+        return message
+
     @abstractmethod
     def send(self, message: OutboundMessage) -> SendResult:
         """Hand one message to the provider; classify any per-message failure."""
+
+    def begin(self, message: OutboundMessage) -> Callable[[], SendResult]:
+        """Start the call and return what waits for its answer (call it exactly once,
+        before the channel's next call).
+
+        In between, the dispatcher prepares the next message, so a protocol that can
+        write a request and read its answer later (SMTP: the relay's reply to the end
+        of DATA) does that work while the provider works. By default the whole call
+        happens here."""
+        result = self.send(message)
+        return lambda: result
 
     def send_many(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
         return [self.send(message) for message in messages]

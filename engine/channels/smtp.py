@@ -1,7 +1,11 @@
 """Email over SMTP: one session reused for many messages.
 
 A campaign sends thousands of messages to the same relay, so the connection (TCP,
-STARTTLS, AUTH) is set up once and each message costs only MAIL/RCPT/DATA. The relay
+STARTTLS, AUTH) is set up once and each message costs only MAIL/RCPT/DATA; where the
+relay offers PIPELINING (RFC 2920, as Postfix and the hosted relays do) those three go
+in one write, two round trips fewer per message. `begin` stops after the message's last
+byte, so the dispatcher prepares the next message while the relay decides on this one
+(its reply to the end of DATA is where a relay spends its time). The relay
 may drop an idle session at any time; a disconnect noticed at MAIL FROM on a reused
 session means nothing of this message reached the server, so we reconnect once and
 carry on. A disconnect later than that leaves the outcome unknown: transient, and the
@@ -13,9 +17,11 @@ SMTP acceptance (250 after DATA) means "sent", never "delivered".
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import smtplib
 import ssl
+from collections.abc import Callable
 from email import policy as email_policy
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -27,6 +33,10 @@ from engine.settings import Settings
 
 # "5.1.1 <bob@x>: user unknown": the enhanced status code (RFC 3463) a reply starts with.
 _ENHANCED_STATUS = re.compile(r"\s*([245]\.\d{1,3}\.\d{1,3})\b")
+
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+# Pipelined commands are written by us, not smtplib: an address must not smuggle a line.
+_LINE_BREAK = re.compile(r"[\r\n]")
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 15.0
@@ -89,11 +99,29 @@ class SmtpChannel(Channel):
 
     # -- sending -------------------------------------------------------------------
 
-    def send(self, message: OutboundMessage) -> SendResult:
+    def prepare(self, message: OutboundMessage) -> OutboundMessage:
         try:
-            sender, data = self.email_bytes(message)
-        except (ValueError, TypeError, LookupError) as exc:
-            return SendResult.permanent(message.delivery_id, f"could not build the email: {exc}")
+            _, data = self.email_bytes(message)
+        except (ValueError, TypeError, LookupError):
+            return message  # send() builds it again and says why it cannot
+        return dataclasses.replace(message, wire=data)
+
+    def send(self, message: OutboundMessage) -> SendResult:
+        return self.begin(message)()
+
+    def begin(self, message: OutboundMessage) -> Callable[[], SendResult]:
+        """Everything up to the message's last byte; the returned function reads the
+        relay's verdict on it (the reply that takes the relay's own latency)."""
+        delivery_id = message.delivery_id
+        if message.wire is not None:
+            sender, data = self._envelope_sender(message), message.wire
+        else:
+            try:
+                sender, data = self.email_bytes(message)
+            except (ValueError, TypeError, LookupError) as exc:
+                return _answered(
+                    SendResult.permanent(delivery_id, f"could not build the email: {exc}")
+                )
         utf8 = not (sender.isascii() and message.address.isascii())
 
         for _ in range(2):  # a stale reused session earns exactly one reconnect
@@ -101,52 +129,107 @@ class SmtpChannel(Channel):
             try:
                 smtp = self._session()
             except _Unusable as unusable:
-                return unusable.result(message.delivery_id)
+                return _answered(unusable.result(delivery_id))
             try:
-                return self._transact(smtp, message, sender, data, utf8)
+                refused = self._envelope(smtp, message, sender, utf8)
             except _StaleSession as stale:
                 self._discard()
                 if not reused:
-                    return SendResult.transient(
-                        message.delivery_id, f"SMTP connection lost before MAIL FROM: {stale}"
+                    return _answered(
+                        SendResult.transient(
+                            delivery_id, f"SMTP connection lost before MAIL FROM: {stale}"
+                        )
                     )
-        return SendResult.transient(message.delivery_id, "SMTP connection lost twice")
+                continue
+            except (smtplib.SMTPServerDisconnected, OSError) as exc:
+                return _answered(self._lost(delivery_id, exc))
+            if refused is not None:
+                return _answered(refused)
+            try:
+                smtp.send(_data_payload(data))
+            except (smtplib.SMTPServerDisconnected, OSError) as exc:
+                return _answered(self._lost(delivery_id, exc))
+            return lambda: self._verdict(smtp, message, sender)
+        return _answered(SendResult.transient(delivery_id, "SMTP connection lost twice"))
 
-    def _transact(
-        self, smtp: smtplib.SMTP, message: OutboundMessage, sender: str, data: bytes, utf8: bool
-    ) -> SendResult:
+    def _envelope(
+        self, smtp: smtplib.SMTP, message: OutboundMessage, sender: str, utf8: bool
+    ) -> SendResult | None:
+        """MAIL, RCPT and DATA up to the relay's 354; the refusal, or None to go on.
+        Raises _StaleSession when the session was gone before MAIL FROM was accepted."""
         delivery_id = message.delivery_id
-        options: list[str] = []
+        options = ""
         if utf8:
             if not smtp.has_extn("smtputf8"):
                 return SendResult.permanent(
                     delivery_id, "SMTP server does not support SMTPUTF8 (non-ASCII address)"
                 )
-            options = ["SMTPUTF8", "BODY=8BITMIME"]
+            options = " SMTPUTF8 BODY=8BITMIME"
+        if smtp.has_extn("pipelining"):
+            replies = self._pipelined_envelope(smtp, message, sender, options, utf8)
+        else:
+            replies = self._stepwise_envelope(smtp, message, sender, options)
+        for stage, (code, reply) in zip(("MAIL FROM", "RCPT TO", "DATA"), replies, strict=False):
+            if code not in (250, 251, 354) or (code == 354) != (stage == "DATA"):
+                if stage != "DATA" and len(replies) == 3 and replies[2][0] == 354:
+                    # A relay that took DATA although MAIL or RCPT failed (RFC 2920
+                    # allows for it): an empty message ends it, and nothing is sent.
+                    smtp.send(b".\r\n")
+                    smtp.getreply()
+                return self._refused(smtp, delivery_id, stage, code, reply)
+        return None
+
+    def _pipelined_envelope(
+        self, smtp: smtplib.SMTP, message: OutboundMessage, sender: str, options: str, utf8: bool
+    ) -> list[tuple[int, bytes]]:
+        """RFC 2920: the three commands in one write, their replies read in order. Two
+        round trips fewer per message than command by command."""
+        if _LINE_BREAK.search(sender) or _LINE_BREAK.search(message.address):
+            return [(501, b"5.1.3 an address with a line break cannot be sent")]
+        commands = f"MAIL FROM:<{sender}>{options}\r\nRCPT TO:<{message.address}>\r\nDATA\r\n"
         try:
-            code, reply = smtp.mail(sender, options)
+            smtp.send(commands.encode("utf-8" if utf8 else "ascii"))
+            mail = smtp.getreply()
         except smtplib.SMTPServerDisconnected as exc:
             raise _StaleSession(str(exc)) from exc
-        if code == 421:  # the relay timed the idle session out and says so before closing
-            raise _StaleSession(f"421 {reply.decode('utf-8', 'replace')}")
+        if mail[0] == 421:  # the relay timed the idle session out and says so before closing
+            raise _StaleSession(f"421 {mail[1].decode('utf-8', 'replace')}")
+        return [mail, smtp.getreply(), smtp.getreply()]
+
+    def _stepwise_envelope(
+        self, smtp: smtplib.SMTP, message: OutboundMessage, sender: str, options: str
+    ) -> list[tuple[int, bytes]]:
+        """For a relay without PIPELINING: each command waits for its reply, and the
+        first refusal ends the envelope."""
         try:
-            if code != 250:
-                return self._refused(smtp, delivery_id, "MAIL FROM", code, reply)
-            code, reply = smtp.rcpt(message.address)
-            if code not in (250, 251):
-                return self._refused(smtp, delivery_id, "RCPT TO", code, reply)
-            try:
-                code, reply = smtp.data(data)
-            except smtplib.SMTPDataError as exc:  # DATA itself refused (not 354)
-                return self._refused(smtp, delivery_id, "DATA", exc.smtp_code, exc.smtp_error)
-            if code != 250:
-                return self._refused(smtp, delivery_id, "end of DATA", code, reply)
+            mail = smtp.mail(sender, options.split())
+        except smtplib.SMTPServerDisconnected as exc:
+            raise _StaleSession(str(exc)) from exc
+        if mail[0] == 421:
+            raise _StaleSession(f"421 {mail[1].decode('utf-8', 'replace')}")
+        if mail[0] != 250:
+            return [mail]
+        rcpt = smtp.rcpt(message.address)
+        if rcpt[0] not in (250, 251):
+            return [mail, rcpt]
+        smtp.putcmd("data")
+        return [mail, rcpt, smtp.getreply()]
+
+    def _verdict(self, smtp: smtplib.SMTP, message: OutboundMessage, sender: str) -> SendResult:
+        delivery_id = message.delivery_id
+        try:
+            code, reply = smtp.getreply()
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
-            # The relay may have queued the message before the line dropped: unknown,
-            # so transient; the resend carries the same Message-ID.
-            self._discard()
-            return SendResult.transient(delivery_id, f"SMTP connection lost mid-message: {exc}")
+            return self._lost(delivery_id, exc)
+        if code != 250:
+            return self._refused(smtp, delivery_id, "end of DATA", code, reply)
         return SendResult.sent(delivery_id, _message_id(message, sender))
+
+    def _lost(self, delivery_id: int, exc: Exception) -> SendResult:
+        # The relay may have queued the message before the line dropped: unknown, so
+        # transient; the resend carries the same Message-ID.
+        self._discard()
+        return SendResult.transient(delivery_id, f"SMTP connection lost mid-message: {exc}")
 
     def _refused(
         self, smtp: smtplib.SMTP, delivery_id: int, stage: str, code: int, reply: bytes | str
@@ -184,7 +267,7 @@ class SmtpChannel(Channel):
         """(envelope sender, the message written directly), or None for the bytes when
         the direct path declines it."""
         content = message.content
-        sender = content.get("from_email") or self.default_from_email
+        sender = self._envelope_sender(message)
         from_name = content.get("from_name")
         if from_name is None and not content.get("from_email"):
             from_name = self.default_from_name
@@ -212,7 +295,7 @@ class SmtpChannel(Channel):
         """(envelope sender, message). Raises ValueError when the content cannot make a
         valid email (e.g. a header value with a line break)."""
         content = message.content
-        sender = content.get("from_email") or self.default_from_email
+        sender = self._envelope_sender(message)
         from_name = content.get("from_name")
         if from_name is None and not content.get("from_email"):
             from_name = self.default_from_name
@@ -241,6 +324,9 @@ class SmtpChannel(Channel):
         else:
             email.set_content(text)
         return sender, email
+
+    def _envelope_sender(self, message: OutboundMessage) -> str:
+        return message.content.get("from_email") or self.default_from_email
 
     # -- the session -----------------------------------------------------------------
 
@@ -284,6 +370,19 @@ class SmtpChannel(Channel):
             with contextlib.suppress(smtplib.SMTPException, OSError):
                 self._smtp.quit()  # polite, but a relay that already hung up is fine too
             self._discard()
+
+
+def _answered(result: SendResult) -> Callable[[], SendResult]:
+    return lambda: result
+
+
+def _data_payload(data: bytes) -> bytes:
+    """The message as DATA carries it (RFC 5321 4.5.2): a line starting with a dot gets
+    a second one, and a lone dot ends it."""
+    payload = _LEADING_DOT.sub(b"..", data)
+    if not payload.endswith(b"\r\n"):
+        payload += b"\r\n"
+    return payload + b".\r\n"
 
 
 def _message_id(message: OutboundMessage, sender: str) -> str:

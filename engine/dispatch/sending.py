@@ -21,6 +21,11 @@ ran out (and someone else claimed again) is never recorded twice, and
 campaign_channels.sent_count grows, in the same statement, by exactly the rows that
 changed to 'sent'.
 
+Each provider call is made in two halves (Channel.begin, then its answer): the next
+message is rendered and built between them, i.e. while the provider works on this one,
+instead of between two calls. The next call still starts only after this one's answer
+is in the journal, so there is never more than one call in flight.
+
 Between checkpoints, each acceptance is written to the Redis acceptance journal in the
 same round trip that takes the next message's rate token (engine.dispatch.journal), so
 it is durable before the next provider call. In flight, i.e. called but not recorded
@@ -359,21 +364,37 @@ def _send(
             entry = None  # the denied take wrote it already
             sleep(wait_seconds(wait))
 
-    def attempt(row: _Claimed, send: bool) -> OutboundMessage | None:
-        nonlocal unjournaled
+    def prepare(row: _Claimed) -> OutboundMessage | None:
         message = _message(compiled, row, contacts, settings)
         if isinstance(message, SendResult):  # nothing sendable: fails without a call
             pending.append((row, message))
             return None
-        take_token()
-        if send:
-            result = channel.send(message)
-            pending.append((row, result))
-            if journal is not None and result.outcome == "sent":
-                unjournaled = acceptance(
-                    batch.channel_id, row.id, row.attempts, result.provider_message_id
-                )
-        return message
+        return channel.prepare(message)
+
+    def send_each(rows: list[_Claimed]) -> None:
+        """One call per message; the next message is prepared between starting this
+        call and reading its answer (Channel.begin), i.e. while the provider works."""
+        nonlocal unjournaled
+        following = prepare(rows[0]) if rows else None
+        for index, row in enumerate(rows):
+            message, following = following, None
+            if message is None:  # failed in prepare, already pending
+                if index + 1 < len(rows):
+                    following = prepare(rows[index + 1])
+                continue
+            take_token()
+            answer = channel.begin(message)
+            try:
+                if index + 1 < len(rows):
+                    following = prepare(rows[index + 1])
+            finally:
+                # Even when preparing raised: this call's answer is recorded, not lost.
+                result = answer()
+                pending.append((row, result))
+                if journal is not None and result.outcome == "sent":
+                    unjournaled = acceptance(
+                        batch.channel_id, row.id, row.attempts, result.provider_message_id
+                    )
 
     def forget(recorded: list[tuple[_Claimed, SendResult]]) -> None:
         """Recorded in PostgreSQL: the journal entries have served their purpose."""
@@ -392,7 +413,11 @@ def _send(
     try:
         if channel.accepts_batch:
             # One provider call for the whole batch, after taking all its tokens.
-            messages = [m for row in remaining if (m := attempt(row, send=False))]
+            messages = []
+            for row in remaining:
+                if (message := prepare(row)) is not None:
+                    take_token()
+                    messages.append(message)
             if messages:
                 results = channel.send_many(messages)
                 rows = {row.id: row for row in remaining}
@@ -400,8 +425,7 @@ def _send(
             return
         while remaining:
             chunk, rest = remaining[:CHECKPOINT_EVERY], remaining[CHECKPOINT_EVERY:]
-            for row in chunk:
-                attempt(row, send=True)
+            send_each(chunk)
             # The chunk's last acceptance has no next token to ride on: journal it now,
             # so a checkpoint that fails (PostgreSQL restarting) leaves nothing in flight.
             if unjournaled is not None:

@@ -128,7 +128,8 @@ class _Controller(Controller):
 
 class SmtpServer:
     """A relay on 127.0.0.1. `tls` makes STARTTLS mandatory; `username` makes AUTH
-    mandatory (over TLS when `tls` is set, as a real relay would insist)."""
+    mandatory (over TLS when `tls` is set, as a real relay would insist); `pipelining`
+    False makes it a relay without RFC 2920, which clients must talk to step by step."""
 
     def __init__(
         self,
@@ -138,12 +139,16 @@ class SmtpServer:
         tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
         latency: float = 0.0,
         record: bool = True,
+        pipelining: bool = True,
     ) -> None:
         self.username = username
         self.password = password
         self.server_tls, self.client_tls = tls if tls else (None, None)
         self.latency = latency
         self.record = record
+        # Real relays (Postfix, SES, …) offer RFC 2920 PIPELINING; aiosmtpd reads
+        # pipelined commands in order but does not say so unless told (handle_EHLO).
+        self.pipelining = pipelining
         self.messages: list[ReceivedMail] = []
         self.accepted_count = 0
         self.connections = 0
@@ -272,6 +277,12 @@ class SmtpServer:
         ):
             return AuthResult(success=True, auth_data=self.username)
         return AuthResult(success=False, handled=False)
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname  # the hook owns this once it exists
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.username is not None and not session.authenticated:
