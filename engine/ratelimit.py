@@ -23,11 +23,16 @@ Without Redis (the embedded default, one worker) the same arithmetic runs in mem
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.clock import Clock, system_clock
 
@@ -106,25 +111,32 @@ return '0'
 """
 
 
+# What EVALSHA names the script by: Redis computes the same SHA-1 when it loads it.
+_TAKE_SHA = hashlib.sha1(_TAKE_SCRIPT.encode()).hexdigest()
+
+
 class RateLimiter:
     """take([(key, rate_per_second), …]) -> 0.0 when one token was taken from every
     bucket, else the seconds to wait before asking again (nothing was taken).
     A rate <= 0 means unlimited: that bucket is skipped."""
 
     def __init__(self, redis_client=None, clock: Clock = system_clock) -> None:
-        # One connection of its own, held: a take is on every message's path, and
-        # borrowing from the pool and handing back costs about as much client CPU as
-        # the command itself. The client reconnects it after a Redis restart.
-        self.redis = redis_client.client() if redis_client is not None else None
+        self.redis = redis_client
         self.clock = clock
-        self._script = self.redis.register_script(_TAKE_SCRIPT) if self.redis else None
+        self._connection = None  # the limiter's own, opened on first use
         self._memory: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
     @property
     def durable(self) -> bool:
         """Whether journal entries passed to take() are kept (in Redis)."""
-        return self._script is not None
+        return self.redis is not None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.disconnect()
+                self._connection = None
 
     def take(
         self, buckets: Sequence[tuple[str, float]], journal: JournalEntry | None = None
@@ -133,7 +145,7 @@ class RateLimiter:
         the same round trip (without Redis there is nowhere durable to write it, and it
         is dropped: see engine.dispatch.journal)."""
         active = [(key, float(rate)) for key, rate in buckets if rate and rate > 0]
-        if self._script is None or (not active and journal is None):
+        if self.redis is None or (not active and journal is None):
             if not active:
                 return 0.0  # nothing limited, nothing to record: no round trip at all
             return self._take_in_memory(active, (self.clock.now() - _EPOCH) // _MICROSECOND)
@@ -145,7 +157,34 @@ class RateLimiter:
         if journal is not None:
             keys.append(journal.key)
             args += [journal.field, journal.value, journal.ttl_ms]
-        return float(self._script(keys=keys, args=args))
+        return float(self._evalsha(keys, args))
+
+    def _evalsha(self, keys: list[str], args: list) -> bytes:
+        """EVALSHA on the limiter's own connection: one write, one read.
+
+        A take is on every message's path, and redis-py's command path (a pool checkout
+        and hand-back, its retry wrapper, its metrics hooks) cost the worker more CPU
+        than the round trip itself (py-spy: a quarter of a latency-bound worker's CPU).
+        A connection lost to a Redis restart is reopened once, and a script Redis has
+        forgotten (a restart, SCRIPT FLUSH) is loaded again; anything else raises."""
+        with self._lock:
+            if self._connection is None:
+                pool = self.redis.connection_pool
+                self._connection = pool.connection_class(**pool.connection_kwargs)
+            connection = self._connection
+            for attempt in (1, 2):
+                try:
+                    connection.send_command("EVALSHA", _TAKE_SHA, len(keys), *keys, *args)
+                    return connection.read_response()
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    self.redis.script_load(_TAKE_SCRIPT)
+                except (RedisConnectionError, RedisTimeoutError):
+                    connection.disconnect()  # the next send reconnects
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
 
     def _take_in_memory(self, active: list[tuple[str, float]], now: int) -> float:
         """The Lua script's arithmetic, for a single process without Redis."""

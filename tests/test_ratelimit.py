@@ -189,3 +189,32 @@ def test_without_redis_journal_entries_are_not_kept():
     limiter = RateLimiter(None, FixedClock(START))
     assert not limiter.durable
     assert limiter.take([], journal=acceptance(uuid.uuid4(), 1, 1, "x")) == 0.0
+
+
+def test_a_forgotten_script_and_a_dropped_connection_are_recovered_once(redis_client):
+    """The limiter talks to Redis on a connection of its own. After a Redis restart its
+    socket is dead and the script is gone; the next take reconnects, loads the script
+    again and is answered, as if nothing happened."""
+    clock = FixedClock(START)
+    limiter = RateLimiter(redis_client, clock)
+    bucket = [("provider:sms", 10.0)]
+    limiter.take(bucket)  # meets the bucket: empty, starts filling
+    advance(clock, 1)
+
+    redis_client.script_flush()
+    assert limiter.take(bucket) == 0.0  # NOSCRIPT, loaded again, taken
+
+    db = redis_client.connection_pool.connection_kwargs.get("db", 0)
+    (own,) = [
+        c for c in redis_client.client_list() if c["cmd"] == "evalsha" and c["db"] == str(db)
+    ]
+    assert redis_client.client_kill_filter(_id=own["id"]) == 1
+    assert limiter.take(bucket) == 0.0  # reconnected, taken
+    limiter.close()
+
+
+def test_a_redis_that_stays_down_is_an_error_not_a_grant():
+    down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    limiter = RateLimiter(down, FixedClock(START))
+    with pytest.raises(redis.ConnectionError):
+        limiter.take([("provider:sms", 10.0)])
