@@ -312,7 +312,9 @@ def _contacts(
         wanted = Contact.id == any_(bindparam("ids", contact_ids, type_=ARRAY(Uuid)))
     else:
         wanted = Contact.id.in_(contact_ids)
-    rows = session.execute(select(*Contact.__table__.c).where(wanted))
+    # Through the connection, not the Session: plain rows, without the ORM's loading
+    # machinery (which cost more than the query, 500 contacts a batch).
+    rows = session.connection().execute(select(*Contact.__table__.c).where(wanted))
     return {row.id: row for row in rows}
 
 
