@@ -4,9 +4,11 @@ Two servers that speak the protocols Herald's channels speak, each answering eve
 message after a fixed latency and counting what it accepted per idempotency key:
 
 * SMTP (RFC 5321 server side: greeting, EHLO/HELO, MAIL, RCPT, DATA with dot-unstuffing,
-  RSET, NOOP, QUIT): the key is the Message-ID's left part after "herald." (the SMTP
-  channel writes <herald.d<delivery id>@domain>), so a resend of one delivery counts as
-  a duplicate of the same key; the latency is added before the reply to end-of-DATA.
+  RSET, NOOP, QUIT; it offers RFC 2920 PIPELINING, as Postfix and the hosted relays
+  do, and answers pipelined commands in order): the key is the Message-ID's left part
+  after "herald." (the SMTP channel writes <herald.d<delivery id>@domain>), so a resend
+  of one delivery counts as a duplicate of the same key; the latency is added before
+  the reply to end-of-DATA.
 * Twilio's REST API over HTTP/1.1 with keep-alive: POST
   /2010-04-01/Accounts/{sid}/Messages.json, form-encoded, HTTP basic auth, answered 201
   with the Message resource Twilio returns (400 with Twilio's error body for a missing
@@ -219,6 +221,7 @@ class _Connection(asyncio.Protocol):
 _EHLO = (
     b"250-" + HOSTNAME + b"\r\n"
     b"250-8BITMIME\r\n"
+    b"250-PIPELINING\r\n"
     b"250-SMTPUTF8\r\n"
     b"250-ENHANCEDSTATUSCODES\r\n"
     b"250 SIZE " + str(MAX_MESSAGE).encode() + b"\r\n"
