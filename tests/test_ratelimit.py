@@ -196,7 +196,9 @@ def test_a_forgotten_script_and_a_dropped_connection_are_recovered_once(redis_cl
     socket is dead and the script is gone; the next take reconnects, loads the script
     again and is answered, as if nothing happened."""
     clock = FixedClock(START)
-    limiter = RateLimiter(redis_client, clock)
+    name = f"limiter-{uuid.uuid4().hex[:8]}"  # its connection's CLIENT SETNAME
+    named = redis.Redis.from_url(TEST_REDIS_URL, client_name=name)
+    limiter = RateLimiter(named, clock)
     bucket = [("provider:sms", 10.0)]
     limiter.take(bucket)  # meets the bucket: empty, starts filling
     advance(clock, 1)
@@ -204,13 +206,12 @@ def test_a_forgotten_script_and_a_dropped_connection_are_recovered_once(redis_cl
     redis_client.script_flush()
     assert limiter.take(bucket) == 0.0  # NOSCRIPT, loaded again, taken
 
-    db = redis_client.connection_pool.connection_kwargs.get("db", 0)
-    (own,) = [
-        c for c in redis_client.client_list() if c["cmd"] == "evalsha" and c["db"] == str(db)
-    ]
+    # The limiter's own connection; the pool's (which loaded the script) has the name too.
+    (own,) = [c for c in redis_client.client_list() if c["name"] == name and c["cmd"] == "evalsha"]
     assert redis_client.client_kill_filter(_id=own["id"]) == 1
     assert limiter.take(bucket) == 0.0  # reconnected, taken
     limiter.close()
+    named.close()
 
 
 def test_a_redis_that_stays_down_is_an_error_not_a_grant():
