@@ -277,6 +277,30 @@ def test_the_next_email_is_built_while_the_relay_answers_and_journaled_calls_sta
     assert assert_counters_match(db_session, scenario) == 3
 
 
+def test_a_message_that_cannot_be_built_fails_without_a_call_between_two_that_are_sent(
+    factory, db_session, settings, clock, limiter, smtp_server
+):
+    scenario = make_scenario(db_session, "email", 3)
+    first, erased, third = scenario.delivery_ids
+    db_session.delete(scenario.contacts[1])  # erased after planning (no key holds it)
+    db_session.commit()
+    channel = Traced(smtp_server.settings(settings), set)
+    with channel:
+        report = run(factory, scenario, settings, clock, limiter, channel)
+
+    # The erased contact's message fails in rendering: no prepare, no call.
+    assert channel.events == [
+        ("prepare", first), ("begin", first), ("answer", first),
+        ("prepare", third), ("begin", third), ("answer", third),
+    ]  # fmt: skip
+    assert (report.sent, report.failed) == (2, 1)
+    statuses = {d.id: (d.status, d.last_error) for d in rows(db_session, scenario)}
+    assert statuses[erased] == ("failed", "the contact was erased before sending")
+    assert statuses[first][0] == statuses[third][0] == "sent"
+    assert len(smtp_server.wait_for(2)) == 2
+    assert assert_counters_match(db_session, scenario) == 2
+
+
 def test_batch_provider_gets_one_call_and_counters_follow(
     factory, db_session, settings, clock, limiter
 ):

@@ -379,24 +379,21 @@ def _send(
         nonlocal unjournaled
         following = prepare(rows[0]) if rows else None
         for index, row in enumerate(rows):
-            message, following = following, None
-            if message is None:  # failed in prepare, already pending
-                if index + 1 < len(rows):
-                    following = prepare(rows[index + 1])
-                continue
-            take_token()
-            answer = channel.begin(message)
+            message, answer = following, None
+            if message is not None:  # None: it failed in prepare and is pending already
+                take_token()
+                answer = channel.begin(message)
             try:
-                if index + 1 < len(rows):
-                    following = prepare(rows[index + 1])
+                following = prepare(rows[index + 1]) if index + 1 < len(rows) else None
             finally:
-                # Even when preparing raised: this call's answer is recorded, not lost.
-                result = answer()
-                pending.append((row, result))
-                if journal is not None and result.outcome == "sent":
-                    unjournaled = acceptance(
-                        batch.channel_id, row.id, row.attempts, result.provider_message_id
-                    )
+                if answer is not None:
+                    # Even when preparing raised: this call's answer is recorded, not lost.
+                    result = answer()
+                    pending.append((row, result))
+                    if journal is not None and result.outcome == "sent":
+                        unjournaled = acceptance(
+                            batch.channel_id, row.id, row.attempts, result.provider_message_id
+                        )
 
     def forget(recorded: list[tuple[_Claimed, SendResult]]) -> None:
         """Recorded in PostgreSQL: the journal entries have served their purpose."""
