@@ -165,26 +165,26 @@ class RateLimiter:
         A take is on every message's path, and redis-py's command path (a pool checkout
         and hand-back, its retry wrapper, its metrics hooks) cost the worker more CPU
         than the round trip itself (py-spy: a quarter of a latency-bound worker's CPU).
-        A connection lost to a Redis restart is reopened once, and a script Redis has
-        forgotten (a restart, SCRIPT FLUSH) is loaded again; anything else raises."""
+        A script Redis has forgotten (a restart, SCRIPT FLUSH) is loaded again, and a
+        connection lost to a Redis restart is reopened, each followed by one more try;
+        anything else raises. A take that ran before its reply was lost and is tried
+        again is harmless: the journal entry is the same, and one token too many only
+        slows the rate by that token."""
         with self._lock:
             if self._connection is None:
                 pool = self.redis.connection_pool
                 self._connection = pool.connection_class(**pool.connection_kwargs)
-            connection = self._connection
-            for attempt in (1, 2):
-                try:
-                    connection.send_command("EVALSHA", _TAKE_SHA, len(keys), *keys, *args)
-                    return connection.read_response()
-                except NoScriptError:
-                    if attempt == 2:
-                        raise
-                    self.redis.script_load(_TAKE_SCRIPT)
-                except (RedisConnectionError, RedisTimeoutError):
-                    connection.disconnect()  # the next send reconnects
-                    if attempt == 2:
-                        raise
-            raise AssertionError("unreachable")
+            try:
+                return self._round_trip(keys, args)
+            except NoScriptError:
+                self.redis.script_load(_TAKE_SCRIPT)
+            except (RedisConnectionError, RedisTimeoutError):
+                self._connection.disconnect()  # the next send reconnects
+            return self._round_trip(keys, args)
+
+    def _round_trip(self, keys: list[str], args: list) -> bytes:
+        self._connection.send_command("EVALSHA", _TAKE_SHA, len(keys), *keys, *args)
+        return self._connection.read_response()
 
     def _take_in_memory(self, active: list[tuple[str, float]], now: int) -> float:
         """The Lua script's arithmetic, for a single process without Redis."""

@@ -140,8 +140,8 @@ class Channel(ABC):
         """The message with whatever needs no connection already built (see `wire`).
 
         The dispatcher prepares the next message while the provider is still answering
-        the current one (engine.dispatch.provider_calls), so work moved here leaves the
-        time between two calls. A message that cannot be built is returned as it is:
+        the current one (see begin), so work moved here leaves the time between two
+        calls. A message that cannot be built is returned as it is:
         send() then classifies the failure."""
         return message
 
