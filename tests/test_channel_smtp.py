@@ -242,6 +242,14 @@ def test_header_injection_is_refused_without_sending(channel, smtp_server):
     assert len(smtp_server.wait_for(1)) == 1
 
 
+def test_an_address_with_a_line_break_smuggles_no_command(channel, smtp_server):
+    result = channel.send(email(delivery_id=1, to="ada@example.com\r\nRCPT TO:<eve@x.test>"))
+    assert result.outcome == "permanent"
+    assert channel.send(email(delivery_id=2)).is_sent  # the session is still in step
+    (received,) = smtp_server.wait_for(1)
+    assert received.rcpt_tos == ["ada@example.com"]
+
+
 def test_starttls_and_auth(secure_smtp_server, smtp_tls, channel_settings):
     settings = secure_smtp_server.settings(channel_settings)
     assert settings.smtp_starttls and settings.smtp_username == "herald"

@@ -35,8 +35,9 @@ from engine.settings import Settings
 _ENHANCED_STATUS = re.compile(r"\s*([245]\.\d{1,3}\.\d{1,3})\b")
 
 _LEADING_DOT = re.compile(rb"(?m)^\.")
-# Pipelined commands are written by us, not smtplib: an address must not smuggle a line.
 _LINE_BREAK = re.compile(r"[\r\n]")
+# The replies that let a message's envelope go on, per command.
+_EXPECTED = {"MAIL FROM": (250,), "RCPT TO": (250, 251), "DATA": (354,)}
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 15.0
@@ -158,6 +159,10 @@ class SmtpChannel(Channel):
         """MAIL, RCPT and DATA up to the relay's 354; the refusal, or None to go on.
         Raises _StaleSession when the session was gone before MAIL FROM was accepted."""
         delivery_id = message.delivery_id
+        if _LINE_BREAK.search(sender) or _LINE_BREAK.search(message.address):
+            # The MIME builders refuse these already; this keeps the envelope safe on its
+            # own: smtplib would raise on it, and pipelined it would smuggle in a command.
+            return SendResult.permanent(delivery_id, "an address with a line break cannot be sent")
         options = ""
         if utf8:
             if not smtp.has_extn("smtputf8"):
@@ -169,8 +174,8 @@ class SmtpChannel(Channel):
             replies = self._pipelined_envelope(smtp, message, sender, options, utf8)
         else:
             replies = self._stepwise_envelope(smtp, message, sender, options)
-        for stage, (code, reply) in zip(("MAIL FROM", "RCPT TO", "DATA"), replies, strict=False):
-            if code not in (250, 251, 354) or (code == 354) != (stage == "DATA"):
+        for stage, (code, reply) in zip(_EXPECTED, replies, strict=False):
+            if code not in _EXPECTED[stage]:
                 if stage != "DATA" and len(replies) == 3 and replies[2][0] == 354:
                     # A relay that took DATA although MAIL or RCPT failed (RFC 2920
                     # allows for it): an empty message ends it, and nothing is sent.
@@ -184,8 +189,6 @@ class SmtpChannel(Channel):
     ) -> list[tuple[int, bytes]]:
         """RFC 2920: the three commands in one write, their replies read in order. Two
         round trips fewer per message than command by command."""
-        if _LINE_BREAK.search(sender) or _LINE_BREAK.search(message.address):
-            return [(501, b"5.1.3 an address with a line break cannot be sent")]
         commands = f"MAIL FROM:<{sender}>{options}\r\nRCPT TO:<{message.address}>\r\nDATA\r\n"
         try:
             smtp.send(commands.encode("utf-8" if utf8 else "ascii"))
