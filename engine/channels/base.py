@@ -117,6 +117,11 @@ class SendResult:
         return self.outcome == "sent"
 
 
+def answered(result: SendResult) -> Callable[[], SendResult]:
+    """A call's answer that is already known (Channel.begin's return)."""
+    return lambda: result
+
+
 def _short(error: str) -> str:
     error = " ".join(error.split())  # provider errors can span lines; the log wants one
     return error if len(error) <= ERROR_MAX else error[: ERROR_MAX - 1] + "…"
@@ -157,8 +162,7 @@ class Channel(ABC):
         write a request and read its answer later (SMTP: the relay's reply to the end
         of DATA) does that work while the provider works. By default the whole call
         happens here."""
-        result = self.send(message)
-        return lambda: result
+        return answered(self.send(message))
 
     def send_many(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:
         return [self.send(message) for message in messages]

@@ -27,7 +27,7 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
 
-from engine.channels.base import Channel, OutboundMessage, SendResult
+from engine.channels.base import Channel, OutboundMessage, SendResult, answered
 from engine.channels.mime import plain_email_bytes
 from engine.settings import Settings
 
@@ -120,7 +120,7 @@ class SmtpChannel(Channel):
             try:
                 sender, data = self.email_bytes(message)
             except (ValueError, TypeError, LookupError) as exc:
-                return _answered(
+                return answered(
                     SendResult.permanent(delivery_id, f"could not build the email: {exc}")
                 )
         utf8 = not (sender.isascii() and message.address.isascii())
@@ -130,28 +130,28 @@ class SmtpChannel(Channel):
             try:
                 smtp = self._session()
             except _Unusable as unusable:
-                return _answered(unusable.result(delivery_id))
+                return answered(unusable.result(delivery_id))
             try:
                 refused = self._envelope(smtp, message, sender, utf8)
             except _StaleSession as stale:
                 self._discard()
                 if not reused:
-                    return _answered(
+                    return answered(
                         SendResult.transient(
                             delivery_id, f"SMTP connection lost before MAIL FROM: {stale}"
                         )
                     )
                 continue
             except (smtplib.SMTPServerDisconnected, OSError) as exc:
-                return _answered(self._lost(delivery_id, exc))
+                return answered(self._lost(delivery_id, exc))
             if refused is not None:
-                return _answered(refused)
+                return answered(refused)
             try:
                 smtp.send(_data_payload(data))
             except (smtplib.SMTPServerDisconnected, OSError) as exc:
-                return _answered(self._lost(delivery_id, exc))
+                return answered(self._lost(delivery_id, exc))
             return lambda: self._verdict(smtp, message, sender)
-        return _answered(SendResult.transient(delivery_id, "SMTP connection lost twice"))
+        return answered(SendResult.transient(delivery_id, "SMTP connection lost twice"))
 
     def _envelope(
         self, smtp: smtplib.SMTP, message: OutboundMessage, sender: str, utf8: bool
@@ -373,10 +373,6 @@ class SmtpChannel(Channel):
             with contextlib.suppress(smtplib.SMTPException, OSError):
                 self._smtp.quit()  # polite, but a relay that already hung up is fine too
             self._discard()
-
-
-def _answered(result: SendResult) -> Callable[[], SendResult]:
-    return lambda: result
 
 
 def _data_payload(data: bytes) -> bytes:
