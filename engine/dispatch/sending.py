@@ -1,7 +1,8 @@
 """The sending step: one batch of a channel's deliveries, from queued to an outcome.
 
     claim ─commit─▶ render ▶ rate token ▶ provider call ─ … ─▶ checkpoint ─ … ─▶ done
-                                         (every 50 messages: record, re-check status)
+                                         (every 50th call: record, re-check status,
+                                          while that call is with the provider)
 
 Unlike the rest of the engine this function owns its transactions (it takes a
 sessionmaker), because a provider call must never happen inside an open transaction:
@@ -12,8 +13,10 @@ sessionmaker), because a provider call must never happen inside an open transact
   worker, instead of rolling back to 'queued' and being resent at once by anyone. It
   also keeps provider latency out of the database: no row locks, no idle-in-transaction
   connection held for the seconds a batch takes, nothing blocking pause or cancel.
-- Outcomes are recorded in short transactions, one per checkpoint (every
-  CHECKPOINT_EVERY messages, and at the end), each a handful of set-based statements.
+- Outcomes are recorded in short transactions, one per checkpoint (during every
+  CHECKPOINT_EVERY-th call, and at the end), each a handful of set-based statements.
+  A checkpoint is written while its chunk's last call waits for the provider, so it
+  adds no time of its own to a batch; that call is recorded by the next checkpoint.
 
 Every write after the claim is a compare-and-set on (status = 'sending', our lease,
 the attempt number we claimed), so a row that reconciliation took back after our lease
@@ -89,8 +92,9 @@ log = logging.getLogger("herald.dispatch.sending")
 # Long enough for a checkpoint's worth of slow provider calls (50 of them, seconds each);
 # renewed at every checkpoint, so a long, rate-limited batch keeps its rows.
 LEASE_SECONDS = 300
-# How often the sender records outcomes and re-checks the campaign (pause, cancel):
-# also the most messages one killed worker can leave sent-but-unrecorded.
+# How often the sender records outcomes and re-checks the campaign (pause, cancel).
+# Without the Redis journal (the embedded default), a killed worker can leave this many
+# answered-but-unrecorded messages, plus the call in flight.
 CHECKPOINT_EVERY = 50
 
 deliveries = Delivery.__table__
@@ -373,9 +377,11 @@ def _send(
             return None
         return channel.prepare(message)
 
-    def send_each(rows: list[_Claimed]) -> None:
+    def send_each(rows: list[_Claimed], rest: list[_Claimed]) -> list[_Claimed]:
         """One call per message; the next message is prepared between starting this
-        call and reading its answer (Channel.begin), i.e. while the provider works."""
+        call and reading its answer (Channel.begin), i.e. while the provider works.
+        While the chunk's last call is answered, the checkpoint is written instead.
+        Returns the rows to go on with after the checkpoint."""
         nonlocal unjournaled
         following = prepare(rows[0]) if rows else None
         for index, row in enumerate(rows):
@@ -384,21 +390,47 @@ def _send(
                 take_token()
                 answer = channel.begin(message)
             try:
-                following = prepare(rows[index + 1]) if index + 1 < len(rows) else None
+                if index + 1 < len(rows):
+                    following = prepare(rows[index + 1])
+                else:
+                    rest = checkpoint(row if answer is not None else None, rest)
             finally:
                 if answer is not None:
-                    # Even when preparing raised: this call's answer is recorded, not lost.
+                    # Even when preparing or the checkpoint raised: this call's answer
+                    # is kept for the next record (and the journal), not lost.
                     result = answer()
                     pending.append((row, result))
                     if journal is not None and result.outcome == "sent":
                         unjournaled = acceptance(
                             batch.channel_id, row.id, row.attempts, result.provider_message_id
                         )
+        return rest
+
+    def checkpoint(in_flight: _Claimed | None, rest: list[_Claimed]) -> list[_Claimed]:
+        """Record the answered calls and re-check the campaign, in one transaction,
+        while `in_flight` (the chunk's last call) is with the provider: a checkpoint
+        then costs the batch no time of its own. The call in flight is not recorded
+        yet; it keeps its lease like the rows still to send, and its answer is
+        journaled by the next take (or recorded by the final settle)."""
+        nonlocal pending, remaining
+        recorded, lease = pending, batch.lease
+        try:
+            with session_scope(session_factory) as session:
+                _record(session, batch, recorded, clock.now(), rng)
+                if rest:
+                    rest = _checkpoint(session, batch, rest, in_flight, clock.now(), lease_seconds)
+        except BaseException:
+            batch.lease = lease  # rolled back: the rows still carry the old lease
+            raise
+        pending = []
+        remaining = ([in_flight] if in_flight is not None else []) + rest
+        forget(recorded)
+        return rest
 
     def forget(recorded: list[tuple[_Claimed, SendResult]]) -> None:
         """Recorded in PostgreSQL: the journal entries have served their purpose."""
         nonlocal unjournaled
-        unjournaled = None
+        unjournaled = None  # (it is one of `recorded`: a call in flight has no entry yet)
         if journal is None:
             return
         try:
@@ -408,6 +440,18 @@ def _send(
             )
         except Exception:  # Redis down: a stale entry matches no later claim; it expires
             log.warning("could not clear %d journal entries", len(recorded), exc_info=True)
+
+    def journal_leftover() -> None:
+        """The last acceptance, which no next take will carry, when PostgreSQL cannot
+        record it now: in the journal, reconciliation records it instead of resending."""
+        nonlocal unjournaled
+        entry, unjournaled = unjournaled, None
+        if entry is None:
+            return
+        try:
+            rate_limiter.take([], journal=entry)
+        except Exception:  # Redis down too: that one call may be sent again
+            log.warning("could not journal the batch's last acceptance", exc_info=True)
 
     try:
         if channel.accepts_batch:
@@ -422,45 +466,40 @@ def _send(
                 rows = {row.id: row for row in remaining}
                 pending.extend((rows[result.delivery_id], result) for result in results)
             return
-        while remaining:
-            chunk, rest = remaining[:CHECKPOINT_EVERY], remaining[CHECKPOINT_EVERY:]
-            send_each(chunk)
-            # The chunk's last acceptance has no next token to ride on: journal it now,
-            # so a checkpoint that fails (PostgreSQL restarting) leaves nothing in flight.
-            if unjournaled is not None:
-                entry, unjournaled = unjournaled, None
-                rate_limiter.take([], journal=entry)
-            lease = batch.lease
-            try:
-                with session_scope(session_factory) as session:
-                    _record(session, batch, pending, clock.now(), rng)
-                    if rest:
-                        rest = _checkpoint(session, batch, rest, clock.now(), lease_seconds)
-            except BaseException:
-                batch.lease = lease  # rolled back: the rows still carry the old lease
-                raise
-            forget(pending)
-            pending, remaining = [], rest
+        to_send = list(remaining)
+        while to_send:
+            to_send = send_each(to_send[:CHECKPOINT_EVERY], to_send[CHECKPOINT_EVERY:])
     finally:
-        # Normal end, or an exception (a provider bug, Redis down, the soft time limit):
-        # record what the providers answered and hand back what was never attempted.
+        # Normal end (the last call's answer), or an exception (a provider bug, Redis or
+        # PostgreSQL down, the soft time limit): record what the providers answered and
+        # hand back what was never attempted.
         if pending or remaining:
-            _settle(session_factory, batch, pending, remaining, clock.now(), rng)
+            try:
+                _settle(session_factory, batch, pending, remaining, clock.now(), rng)
+            except BaseException:
+                journal_leftover()
+                raise
             forget(pending)
 
 
 def _checkpoint(
-    session: Session, batch: _Batch, rest: list[_Claimed], now: datetime, lease_seconds: float
+    session: Session,
+    batch: _Batch,
+    rest: list[_Claimed],
+    in_flight: _Claimed | None,
+    now: datetime,
+    lease_seconds: float,
 ) -> list[_Claimed]:
-    """Between two chunks: keep the lease on the rows still to send, and stop (handing
-    them back) if the campaign was paused or cancelled meanwhile. Returns the rows to
-    go on with."""
+    """Between two chunks: keep the lease on the rows still to send (and on the call in
+    flight, recorded at the next checkpoint), and stop (handing the rest back) if the
+    campaign was paused or cancelled meanwhile. Returns the rows to go on with."""
     # Renewing rewrites every remaining row (and its index entries: lease_expires_at is
     # in a partial index, so no HOT update), so it is done only once half the lease is
     # gone. Before that nobody can have taken the rows back: reclaiming waits for expiry.
     if batch.lease - now < timedelta(seconds=lease_seconds / 2):
         lease = now + timedelta(seconds=lease_seconds)
-        still_ours = _renew(session, batch, rest, lease)
+        keep = rest + ([in_flight] if in_flight is not None else [])
+        still_ours = _renew(session, batch, keep, lease)
         if len(still_ours) < len(rest):
             log.warning("lease lost on %d row(s) of a batch", len(rest) - len(still_ours))
             batch.stopped = batch.stopped or "lease lost"
