@@ -9,12 +9,12 @@ latency. For each channel, in the same run:
   (EMAIL_PROVIDER=smtp, SMS_PROVIDER=twilio). One provider connection per pool
   process, so W workers x C concurrency = K connections. This process plays beat
   (herald.reconcile every RECONCILE_INTERVAL, as bench.dispatch does).
-* Direct: K client processes, one connection each (smtplib; an httpx keep-alive
-  client, the library Herald's Twilio channel uses), sending N similar messages split
-  evenly between them, as fast as the sink answers. The sink offers PIPELINING, which
-  Herald uses; smtplib's sendmail does not, so --direct-smtp pipelined gives the direct
-  client the same two round trips per message, to show how much of Herald's rate is
-  the protocol rather than the engine.
+* Direct: K client processes, one connection each (smtplib; http.client on a kept-alive
+  connection, the library under Herald's Twilio channel, or httpx with --direct-http),
+  sending N similar messages split evenly between them, as fast as the sink answers.
+  The sink offers PIPELINING, which Herald uses; smtplib's sendmail does not, so
+  --direct-smtp pipelined gives the direct client the same two round trips per
+  message, to show how much of Herald's rate is the protocol rather than the engine.
 
 Both sides are timed to the sink's last acceptance (CLOCK_MONOTONIC, shared across
 processes): Herald from the launch, so planning, queueing and the claim are included;
@@ -41,7 +41,10 @@ database are purged at the start; the bench user is deleted at the end (unless
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
+import http.client
+import json
 import multiprocessing
 import os
 import re
@@ -57,6 +60,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from pathlib import Path
+from urllib.parse import urlencode
 
 from sqlalchemy import func, select, text
 
@@ -462,8 +466,8 @@ def _pipelined_sendmail(smtp: smtplib.SMTP, address: str, data: bytes) -> None:
         raise smtplib.SMTPException("end of DATA refused")
 
 
-def _direct_smtp(port: int, numbers: range, how: tuple[str, str], go, ready, results) -> None:
-    build, protocol = how
+def _direct_smtp(port: int, numbers: range, how: tuple[str, ...], go, ready, results) -> None:
+    build, protocol, _ = how
     make = _template_email if build == "template" else _stdlib_email()
     smtp = smtplib.SMTP("127.0.0.1", port, timeout=15)
     smtp.ehlo()
@@ -486,12 +490,10 @@ def _direct_smtp(port: int, numbers: range, how: tuple[str, str], go, ready, res
     results.put((sent, failed, cpu))
 
 
-def _direct_twilio(port: int, numbers: range, how: tuple[str, str], go, ready, results) -> None:
-    import httpx
-
-    url = f"http://127.0.0.1:{port}/2010-04-01/Accounts/{TWILIO_SID}/Messages.json"
+def _direct_twilio(port: int, numbers: range, how: tuple[str, ...], go, ready, results) -> None:
+    path = f"/2010-04-01/Accounts/{TWILIO_SID}/Messages.json"
     callback = f"{get_settings().public_base_url}/webhooks/twilio/status"
-    client = httpx.Client(auth=(TWILIO_SID, TWILIO_TOKEN), timeout=15)
+    post = _httpx_post(port, path) if how[2] == "httpx" else _stdlib_post(port, path)
     ready.put(os.getpid())
     go.wait()
     cpu = time.process_time()
@@ -504,16 +506,51 @@ def _direct_twilio(port: int, numbers: range, how: tuple[str, str], go, ready, r
             "From": TWILIO_FROM,
         }
         try:
-            response = client.post(url, data=form, headers={"I-Twilio-Idempotency-Token": f"x{n}"})
-            if response.status_code == 201 and response.json().get("sid"):
+            if post(form, f"x{n}"):
                 sent += 1
             else:
                 failed += 1
-        except httpx.HTTPError:
+        except (OSError, ValueError, http.client.HTTPException):  # httpx.HTTPError: OSError
             failed += 1
     cpu = time.process_time() - cpu
-    client.close()
     results.put((sent, failed, cpu))
+
+
+def _stdlib_post(port: int, path: str) -> Callable[[dict, str], bool]:
+    """http.client on one kept-alive connection: what Herald's Twilio channel uses
+    (engine.channels.split_http), without the split."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    credentials = base64.b64encode(f"{TWILIO_SID}:{TWILIO_TOKEN}".encode()).decode()
+    headers = {
+        "Authorization": f"Basic {credentials}",
+        "Accept": "application/json",
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+
+    def post(form: dict, key: str) -> bool:
+        body = urlencode(form).encode()
+        connection.request("POST", path, body, {**headers, "I-Twilio-Idempotency-Token": key})
+        response = connection.getresponse()
+        answer = response.read()
+        return response.status == 201 and bool(json.loads(answer).get("sid"))
+
+    return post
+
+
+def _httpx_post(port: int, path: str) -> Callable[[dict, str], bool]:
+    import httpx
+
+    client = httpx.Client(auth=(TWILIO_SID, TWILIO_TOKEN), timeout=15)
+    url = f"http://127.0.0.1:{port}{path}"
+
+    def post(form: dict, key: str) -> bool:
+        try:
+            response = client.post(url, data=form, headers={"I-Twilio-Idempotency-Token": key})
+        except httpx.HTTPError as exc:
+            raise OSError(str(exc)) from exc
+        return response.status_code == 201 and bool(response.json().get("sid"))
+
+    return post
 
 
 def run_direct(args, kind: str, sink: SinkProcess, connections: int, meter: CpuMeter) -> Phase:
@@ -530,7 +567,7 @@ def run_direct(args, kind: str, sink: SinkProcess, connections: int, meter: CpuM
             args=(
                 sink.port,
                 range(1 + k, n + 1, connections),
-                (args.direct_build, args.direct_smtp),
+                (args.direct_build, args.direct_smtp, args.direct_http),
                 go,
                 ready,
                 results,
@@ -725,7 +762,8 @@ def report(args, phases: list[Phase]) -> bool:
         f"Latency bench: {args.contacts:,} recipients per channel, sink latency "
         f"{args.latency_ms:g} ms asked, {k} connection(s) a side "
         f"({args.workers} worker(s) x concurrency {args.concurrency}), "
-        f"direct email built by {args.direct_build}, sent by {args.direct_smtp}, provider rate "
+        f"direct email built by {args.direct_build}, sent by {args.direct_smtp}, direct sms "
+        f"by {args.direct_http}, provider rate "
         f"{args.provider_rate or 'unlimited'}, {os.cpu_count()} CPUs"
     )
     ok = True
@@ -801,6 +839,13 @@ def main() -> None:
         default="sendmail",
         help="how the direct client talks SMTP: smtplib's sendmail (MAIL, RCPT, DATA one "
         "by one), or RFC 2920 pipelining as Herald does where the relay offers it",
+    )
+    parser.add_argument(
+        "--direct-http",
+        choices=("stdlib", "httpx"),
+        default="stdlib",
+        help="the direct client's HTTP library: http.client, as Herald's Twilio channel "
+        "uses, or httpx (which Herald's Twilio channel used before it split its calls)",
     )
     parser.add_argument(
         "--provider-rate",

@@ -114,6 +114,29 @@ def test_dropped_connection_is_transient(channel, twilio_sink):
     assert channel.send(sms(delivery_id=2)).is_sent
 
 
+def test_a_connection_the_server_closed_while_idle_is_replaced_before_the_next_send(
+    channel, twilio_sink
+):
+    twilio_sink.close_after_answer()
+    assert channel.send(sms(delivery_id=1)).is_sent
+    twilio_sink.wait_closed(1)  # its keep-alive timeout ran out between two sends
+    assert channel.send(sms(delivery_id=2)).is_sent  # on a new connection, first time
+    first, second = twilio_sink.wait_for(2)
+    assert first.peer_port != second.peer_port
+    assert len(twilio_sink.received()) == 2  # nothing was lost on the closed one
+
+
+def test_the_request_is_out_before_its_answer_is_read(channel, twilio_sink):
+    """begin writes the request and returns; the dispatcher works (renders the next
+    message) while Twilio answers, then reads the answer."""
+    answer = channel.begin(sms(delivery_id=3))
+    (request,) = twilio_sink.wait_for(1)  # Twilio has it; we have not read a byte back
+    assert request.header("I-Twilio-Idempotency-Token") == "d3"
+    result = answer()
+    assert result.is_sent
+    assert result.provider_message_id == request.response["sid"]
+
+
 def test_unreachable_api_is_transient(twilio_sink, channel_settings):
     settings = twilio_sink.settings(channel_settings)
     twilio_sink.stop()

@@ -1,5 +1,6 @@
-"""What the HTTP providers (Twilio, FCM, WhatsApp) share: the client, Retry-After, and
-the classification of failures that happen before any answer arrives."""
+"""What the HTTP providers (Twilio, FCM, WhatsApp) share: the httpx client (FCM and
+WhatsApp; Twilio's calls are split, see split_http), Retry-After, the reading of a JSON
+answer, and the classification of failures that happen before any answer arrives."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 
 from engine.channels.base import SendResult
+from engine.channels.split_http import Answer
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 15.0
@@ -35,7 +37,7 @@ def make_client(
     )
 
 
-def retry_after(response: httpx.Response) -> float | None:
+def retry_after(response: httpx.Response | Answer) -> float | None:
     """Retry-After in seconds: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
     raw = response.headers.get("Retry-After", "").strip()
     if not raw:
@@ -68,7 +70,7 @@ def transport_error(provider: str, exc: httpx.HTTPError) -> str:
     return f"{provider} {kind}: {str(exc) or type(exc).__name__}"
 
 
-def json_or_empty(response: httpx.Response) -> dict[str, Any]:
+def json_or_empty(response: httpx.Response | Answer) -> dict[str, Any]:
     """The JSON object a provider answered, or {} when it answered something else (an
     HTML error page from a proxy, an empty body)."""
     try:

@@ -2,22 +2,28 @@
 
 Twilio answers 201 with the Message resource once it has *queued* the message; its
 delivery is reported later to StatusCallback (handled by the webhooks).
+
+The call is made in two halves (Channel.begin) on engine.channels.split_http: the
+request is written, the dispatcher renders the next message while Twilio works, then
+the answer is read.
 """
 
 from __future__ import annotations
 
-import httpx
+import base64
+from collections.abc import Callable
+from urllib.parse import urlencode, urlsplit
 
-from engine.channels.base import Channel, OutboundMessage, SendResult
+from engine.channels.base import Channel, OutboundMessage, SendResult, answered
 from engine.channels.http import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
+    USER_AGENT,
     is_transient_status,
     json_or_empty,
-    make_client,
     retry_after,
-    transport_failure,
 )
+from engine.channels.split_http import Answer, SplitHttpClient, TransportError
 from engine.settings import Settings
 
 IDEMPOTENCY_HEADER = "I-Twilio-Idempotency-Token"
@@ -42,16 +48,25 @@ class TwilioChannel(Channel):
             raise ValueError("SMS_PROVIDER=twilio needs TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
         sid = settings.twilio_account_sid
         self.url = f"{settings.twilio_api_base}/2010-04-01/Accounts/{sid}/Messages.json"
+        parts = urlsplit(self.url)
+        self._path = parts.path
         self.default_from = settings.twilio_from
         # A Messaging Service SID picks the sender from its pool instead of one number.
         self.messaging_service_sid = (
             settings.twilio_from if settings.twilio_from.startswith("MG") else ""
         )
         self.status_callback = f"{settings.public_base_url}{STATUS_CALLBACK_PATH}"
-        self._client = make_client(
+        credentials = base64.b64encode(f"{sid}:{settings.twilio_auth_token}".encode()).decode()
+        self._client = SplitHttpClient(
+            f"{parts.scheme}://{parts.netloc}",
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            auth=(sid, settings.twilio_auth_token),
+            headers={
+                "User-Agent": USER_AGENT,
+                "Authorization": f"Basic {credentials}",
+                "Accept": "application/json",
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
         )
 
     def form_for(self, message: OutboundMessage) -> dict[str, str]:
@@ -70,15 +85,28 @@ class TwilioChannel(Channel):
         return form
 
     def send(self, message: OutboundMessage) -> SendResult:
+        return self.begin(message)()
+
+    def begin(self, message: OutboundMessage) -> Callable[[], SendResult]:
         delivery_id = message.delivery_id
+        body = urlencode(self.form_for(message)).encode()
         try:
-            response = self._client.post(
-                self.url,
-                data=self.form_for(message),
-                headers={IDEMPOTENCY_HEADER: message.idempotency_key},
+            read = self._client.start(
+                "POST", self._path, body, {IDEMPOTENCY_HEADER: message.idempotency_key}
             )
-        except httpx.HTTPError as exc:
-            return transport_failure(delivery_id, "twilio", exc)
+        except TransportError as exc:
+            return answered(_transport_failure(delivery_id, exc))
+
+        def answer() -> SendResult:
+            try:
+                response = read()
+            except TransportError as exc:
+                return _transport_failure(delivery_id, exc)
+            return self._classify(delivery_id, response)
+
+        return answer
+
+    def _classify(self, delivery_id: int, response: Answer) -> SendResult:
         body = json_or_empty(response)
         if response.is_success and body.get("sid"):
             return SendResult.sent(delivery_id, str(body["sid"]))
@@ -86,7 +114,7 @@ class TwilioChannel(Channel):
             return SendResult.transient(delivery_id, "twilio answered without a message sid")
         return self._failure(delivery_id, response, body)
 
-    def _failure(self, delivery_id: int, response: httpx.Response, body: dict) -> SendResult:
+    def _failure(self, delivery_id: int, response: Answer, body: dict) -> SendResult:
         status = response.status_code
         code = body.get("code")
         error = f"twilio {status}" + (f" {code}" if code else "")
@@ -101,3 +129,9 @@ class TwilioChannel(Channel):
 
     def close(self) -> None:
         self._client.close()
+
+
+def _transport_failure(delivery_id: int, exc: TransportError) -> SendResult:
+    """No usable answer: Twilio may or may not have the message, so it is transient and
+    the retry carries the same idempotency token."""
+    return SendResult.transient(delivery_id, f"twilio {exc}")

@@ -62,6 +62,7 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     drop: bool = False
+    close_after: bool = False
     match: str | None = None
     times: int | None = 1
     on: str = "send"
@@ -80,6 +81,12 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address) -> None:
         pass  # a client that gave up (timeout tests) is expected, not news
+
+    def shutdown_request(self, request) -> None:
+        super().shutdown_request(request)
+        with self.sink._lock:
+            self.sink.closed_connections += 1
+            self.sink._lock.notify_all()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -107,6 +114,7 @@ class HttpSink:
         self.record = record
         self.requests: list[Recorded] = []
         self.accepted_count = 0
+        self.closed_connections = 0  # by either side, once the server has let go
         self._faults: list[Fault] = []
         self._lock = threading.Condition()
         self._stopping = threading.Event()
@@ -176,6 +184,17 @@ class HttpSink:
     def drop(self, *, times: int | None = 1, match: str | None = None) -> None:
         """Close the connection without answering."""
         self.inject(Fault(drop=True, match=match, times=times))
+
+    def close_after_answer(self, *, times: int | None = 1) -> None:
+        """Answer normally, then close the connection without having said so (no
+        Connection: close), as a server does when its keep-alive timeout runs out."""
+        self.inject(Fault(status=0, close_after=True, times=times))
+
+    def wait_closed(self, n: int, timeout: float = 5.0) -> None:
+        """Until the server has closed `n` connections in all."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: self.closed_connections >= n, timeout):
+                raise AssertionError(f"{self.closed_connections} connection(s) closed, not {n}")
 
     def _take_fault(self, request: Recorded) -> Fault | None:
         key = self.fault_key(request)
@@ -267,6 +286,8 @@ class HttpSink:
             handler.end_headers()
             handler.wfile.write(payload)
             handler.wfile.flush()
+            if fault is not None and fault.close_after:
+                handler.close_connection = True
         except OSError:
             handler.close_connection = True  # the client gave up waiting
 
