@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from email.utils import formatdate
 
@@ -135,6 +136,46 @@ def test_the_request_is_out_before_its_answer_is_read(channel, twilio_sink):
     result = answer()
     assert result.is_sent
     assert result.provider_message_id == request.response["sid"]
+
+
+@pytest.fixture
+def connect_proxy():
+    from tests.providers.connect_proxy import ConnectProxy
+
+    proxy = ConnectProxy().start()
+    yield proxy
+    proxy.stop()
+
+
+def test_http_proxy_from_the_environment_tunnels_the_calls(
+    twilio_sink, channel_settings, connect_proxy, monkeypatch
+):
+    """As with httpx before: ops behind an egress proxy set HTTPS_PROXY (HTTP_PROXY for
+    this loopback http:// API), with credentials if the proxy wants them."""
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://ops:s%3Acret@127.0.0.1:{connect_proxy.port}")
+    with channel_for("sms", twilio_sink.settings(channel_settings), **FAST_TIMEOUTS) as channel:
+        assert channel.send(sms(delivery_id=1)).is_sent
+        assert channel.send(sms(delivery_id=2)).is_sent
+
+    (tunnel,) = connect_proxy.tunnels  # one kept-alive tunnel for both
+    assert tunnel.target == f"127.0.0.1:{twilio_sink.port}"
+    assert tunnel.proxy_authorization == "Basic " + base64.b64encode(b"ops:s:cret").decode()
+    assert [r.header("I-Twilio-Idempotency-Token") for r in twilio_sink.wait_for(2)] == [
+        "d1",
+        "d2",
+    ]
+
+
+def test_no_proxy_names_the_hosts_reached_directly(
+    twilio_sink, channel_settings, connect_proxy, monkeypatch
+):
+    monkeypatch.setenv("HTTP_PROXY", connect_proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with channel_for("sms", twilio_sink.settings(channel_settings), **FAST_TIMEOUTS) as channel:
+        assert channel.send(sms()).is_sent
+    assert connect_proxy.tunnels == []
 
 
 def test_unreachable_api_is_transient(twilio_sink, channel_settings):

@@ -8,11 +8,14 @@ message in between, as it does for SMTP (Channel.begin). It is also several time
 cheaper in CPU per call than httpx, which is what a worker spends between two sends.
 
 Deliberately small: one connection (a channel serves one worker thread), no HTTP/2, no
-redirects, no cookies, no proxy (HTTPS_PROXY is not read, unlike httpx's clients).
+redirects, no cookies. Like httpx's clients it honours HTTPS_PROXY / HTTP_PROXY /
+ALL_PROXY and NO_PROXY from the environment: through an http:// proxy, by a CONNECT
+tunnel (with Proxy-Authorization when the proxy URL carries a user and password).
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import select
@@ -21,7 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.message import Message
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 
 class TransportError(Exception):
@@ -80,7 +84,9 @@ class SplitHttpClient:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"an http(s) origin is needed, got {origin!r}")
         self._tls = parts.scheme == "https"
-        self._host, self._port = parts.hostname, parts.port
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._tls else 80)
+        self._proxy = _proxy_for(parts.scheme, self._host)
         self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
         self._headers = dict(headers or {})
         self._connection: _Plain | _Tls | None = None
@@ -125,15 +131,15 @@ class SplitHttpClient:
             self.close()
             connection = None
         if connection is None:
+            host, port = self._proxy.address if self._proxy else (self._host, self._port)
             if self._tls:
                 connection = _Tls(
-                    self._host,
-                    self._port,
-                    timeout=self._connect_timeout,
-                    context=ssl.create_default_context(),
+                    host, port, timeout=self._connect_timeout, context=ssl.create_default_context()
                 )
             else:
-                connection = _Plain(self._host, self._port, timeout=self._connect_timeout)
+                connection = _Plain(host, port, timeout=self._connect_timeout)
+            if self._proxy is not None:
+                connection.set_tunnel(self._host, self._port, headers=self._proxy.headers)
             connection.read_timeout = self._read_timeout
             connection.connect()
             self._connection = connection
@@ -142,6 +148,29 @@ class SplitHttpClient:
     def _failed(self, kind: str, exc: BaseException) -> TransportError:
         self.close()
         return TransportError(kind, str(exc) or type(exc).__name__)
+
+
+@dataclass(frozen=True)
+class _Proxy:
+    address: tuple[str, int]
+    headers: dict[str, str]
+
+
+def _proxy_for(scheme: str, host: str) -> _Proxy | None:
+    """The proxy the environment names for this origin, as httpx would pick it."""
+    proxies = getproxies()  # the *_proxy variables, either case
+    url = proxies.get(scheme) or proxies.get("all")
+    if not url or proxy_bypass(host):
+        return None
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"only http:// proxies are supported, got {url!r}")
+    headers = {}
+    if parts.username is not None:
+        user_password = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        token = base64.b64encode(user_password.encode()).decode()
+        headers["Proxy-Authorization"] = f"Basic {token}"
+    return _Proxy((parts.hostname, parts.port or 80), headers)
 
 
 def _closed_by_peer(connection: http.client.HTTPConnection) -> bool:
