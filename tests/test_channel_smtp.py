@@ -413,3 +413,71 @@ def test_a_pipelining_relay_gets_mail_rcpt_and_data_before_answering_any(channel
     ]
     assert b"..hidden dot line\r\n" in seen["data"]  # dot-stuffed (RFC 5321 4.5.2)
     assert b"Message-ID: <herald.d7@herald.test>\r\n" in seen["data"]
+
+
+def test_the_dispatchers_round_trip_runs_while_the_relay_answers_the_envelope(
+    channel_settings,
+):
+    """`cleared` (the journal write and rate token) runs after MAIL, RCPT and DATA are
+    written and before the relay has answered them; the message follows only after it.
+    Here the relay will not answer the envelope until `cleared` has run, and `cleared`
+    looks whether the relay already has the envelope: both must be true."""
+    envelope_read, cleared_ran = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def relay(listener: socket.socket) -> None:
+        connection, _ = listener.accept()
+        connection.settimeout(5)
+        with connection, connection.makefile("rb") as lines:
+            connection.sendall(b"220 relay.test ESMTP\r\n")
+            lines.readline()  # EHLO
+            connection.sendall(b"250-relay.test\r\n250 PIPELINING\r\n")
+            seen["envelope"] = [lines.readline() for _ in range(3)]
+            envelope_read.set()
+            seen["cleared before the replies"] = cleared_ran.wait(2)
+            connection.sendall(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 Go ahead\r\n")
+            seen["data"] = list(iter(lines.readline, b".\r\n"))
+            connection.sendall(b"250 2.0.0 queued\r\n")
+            lines.readline()  # QUIT
+            connection.sendall(b"221 2.0.0 Bye\r\n")
+
+    def cleared() -> None:
+        seen["envelope out when cleared"] = envelope_read.wait(2)
+        cleared_ran.set()
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        server = threading.Thread(target=relay, args=(listener,), daemon=True)
+        server.start()
+        settings = replace(
+            channel_settings,
+            email_provider="smtp",
+            smtp_host="127.0.0.1",
+            smtp_port=listener.getsockname()[1],
+            smtp_username="",
+            smtp_password="",
+            smtp_starttls=False,
+        )
+        with SmtpChannel(settings, **FAST_TIMEOUTS) as channel:
+            result = channel.begin(email(delivery_id=8), cleared)()
+        server.join(5)
+
+    assert (result.outcome, result.error) == ("sent", None)
+    assert seen["envelope out when cleared"] is True
+    assert seen["cleared before the replies"] is True
+    assert b"Message-ID: <herald.d8@herald.test>\r\n" in seen["data"]
+
+
+def test_a_failing_round_trip_is_raised_and_its_envelope_dropped(channel, smtp_server):
+    """Redis down inside `cleared`: the dispatcher's exception goes up unchanged, the
+    half-open envelope goes with the session, and nothing reaches the relay; the next
+    message opens a new session."""
+
+    def redis_down() -> None:
+        raise ConnectionRefusedError("redis is restarting")
+
+    with pytest.raises(ConnectionRefusedError, match="redis is restarting"):
+        channel.begin(email(delivery_id=1), redis_down)
+    assert channel.send(email(delivery_id=2)).is_sent
+    (received,) = smtp_server.wait_for(1)
+    assert received.message["Message-ID"] == "<herald.d2@herald.test>"
+    assert len(smtp_server.messages) == 1

@@ -187,22 +187,27 @@ class Hooked(Channel):
 
 class Traced(SmtpChannel):
     """The real SMTP channel, noting the order of its halves and what the acceptance
-    journal held when each call began."""
+    journal held once each call was cleared to hand its message over."""
 
     def __init__(self, settings, journal_fields) -> None:
         super().__init__(settings)
         self.events: list[tuple[str, int]] = []
         self.journal_fields = journal_fields
-        self.journaled_at_begin: dict[int, set[str]] = {}
+        self.journaled_when_cleared: dict[int, set[str]] = {}
 
     def prepare(self, message):
         self.events.append(("prepare", message.delivery_id))
         return super().prepare(message)
 
-    def begin(self, message):
+    def begin(self, message, cleared=lambda: None):
         self.events.append(("begin", message.delivery_id))
-        self.journaled_at_begin[message.delivery_id] = self.journal_fields()
-        answer = super().begin(message)
+
+        def traced_cleared():
+            cleared()
+            self.events.append(("cleared", message.delivery_id))
+            self.journaled_when_cleared[message.delivery_id] = self.journal_fields()
+
+        answer = super().begin(message, traced_cleared)
 
         def traced_answer():
             self.events.append(("answer", message.delivery_id))
@@ -247,7 +252,8 @@ def test_the_next_email_is_built_while_the_relay_answers_and_journaled_calls_sta
 ):
     """Each call is begun, the next message is rendered and built, then the answer is
     read: the work leaves the gap between two calls. Yet each acceptance is in the
-    journal before the next call begins, so one call at most is ever in flight."""
+    journal before the next call is cleared to hand its message over (the round trip
+    runs while the relay answers the envelope), so one call at most is in flight."""
     scenario = make_scenario(db_session, "email", 3)
     client = redis.Redis.from_url(TEST_REDIS_URL)
     key = journal_key(scenario.channel_id)
@@ -261,11 +267,12 @@ def test_the_next_email_is_built_while_the_relay_answers_and_journaled_calls_sta
 
     first, second, third = scenario.delivery_ids
     assert channel.events == [
-        ("prepare", first), ("begin", first), ("prepare", second), ("answer", first),
-        ("begin", second), ("prepare", third), ("answer", second),
-        ("begin", third), ("answer", third),
+        ("prepare", first), ("begin", first), ("cleared", first),
+        ("prepare", second), ("answer", first),
+        ("begin", second), ("cleared", second), ("prepare", third), ("answer", second),
+        ("begin", third), ("cleared", third), ("answer", third),
     ]  # fmt: skip
-    assert channel.journaled_at_begin == {
+    assert channel.journaled_when_cleared == {
         first: set(),
         second: {f"{first}:1"},
         third: {f"{first}:1", f"{second}:1"},
@@ -288,8 +295,8 @@ def test_the_checkpoint_is_written_while_the_chunks_last_call_is_with_the_relay(
     seen: dict[int, dict[str, int]] = {}
 
     class Watched(SmtpChannel):
-        def begin(self, message):
-            answer = super().begin(message)
+        def begin(self, message, cleared=lambda: None):
+            answer = super().begin(message, cleared)
 
             def watched_answer():
                 with factory() as other:  # what PostgreSQL holds before the answer is read
@@ -330,8 +337,8 @@ def test_a_message_that_cannot_be_built_fails_without_a_call_between_two_that_ar
 
     # The erased contact's message fails in rendering: no prepare, no call.
     assert channel.events == [
-        ("prepare", first), ("begin", first), ("answer", first),
-        ("prepare", third), ("begin", third), ("answer", third),
+        ("prepare", first), ("begin", first), ("cleared", first), ("answer", first),
+        ("prepare", third), ("begin", third), ("cleared", third), ("answer", third),
     ]  # fmt: skip
     assert (report.sent, report.failed) == (2, 1)
     statuses = {d.id: (d.status, d.last_error) for d in rows(db_session, scenario)}
@@ -363,6 +370,48 @@ def test_rate_limit_spaces_the_sends(factory, db_session, settings, clock, limit
     assert sleeps == [pytest.approx(0.2)] * 12
     assert clock.now() - NOW == pytest.approx(timedelta(seconds=2.4), abs=timedelta(0.001))
     assert assert_counters_match(db_session, scenario) == 12
+
+
+def test_a_rate_limited_email_waits_for_its_token_before_the_envelope(
+    factory, db_session, settings, clock, limiter, smtp_server
+):
+    """With a rate set, a take may have to wait: it is made before the call begins, so
+    the relay is never held mid-envelope; each acceptance is journaled by then."""
+    scenario = make_scenario(db_session, "email", 3, rate_per_second=5)
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    key = journal_key(scenario.channel_id)
+    channel = Traced(
+        smtp_server.settings(settings), lambda: {f.decode() for f in client.hkeys(key)}
+    )
+    journaled_at_begin: dict[int, set[str]] = {}
+    sleeps: list[float] = []
+    begin = channel.begin
+
+    def begin_noting_the_journal(message, *cleared):
+        journaled_at_begin[message.delivery_id] = channel.journal_fields()
+        return begin(message, *cleared)
+
+    channel.begin = begin_noting_the_journal
+    with channel:
+        report = run(
+            factory, scenario, settings, clock, limiter, channel,
+            journal=AcceptanceJournal(client), sleeps=sleeps,
+        )  # fmt: skip
+
+    first, second, third = scenario.delivery_ids
+    assert report.sent == 3
+    assert sleeps == [pytest.approx(0.2)] * 3  # every take waited, before its call
+    # cleared is the channel's no-op default here: it runs first thing, nothing overlaps
+    assert (
+        channel.journaled_when_cleared
+        == journaled_at_begin
+        == {
+            first: set(),
+            second: {f"{first}:1"},
+            third: {f"{first}:1", f"{second}:1"},
+        }
+    )
+    assert assert_counters_match(db_session, scenario) == 3
 
 
 def test_campaign_not_running_claims_nothing(factory, db_session, settings, clock, limiter):

@@ -154,14 +154,24 @@ class Channel(ABC):
     def send(self, message: OutboundMessage) -> SendResult:
         """Hand one message to the provider; classify any per-message failure."""
 
-    def begin(self, message: OutboundMessage) -> Callable[[], SendResult]:
+    def begin(
+        self, message: OutboundMessage, cleared: Callable[[], None] = lambda: None
+    ) -> Callable[[], SendResult]:
         """Start the call and return what waits for its answer (call it exactly once,
         before the channel's next call).
 
-        In between, the dispatcher prepares the next message, so a protocol that can
-        write a request and read its answer later (SMTP: the relay's reply to the end
-        of DATA) does that work while the provider works. By default the whole call
-        happens here."""
+        `cleared` must be called, once, before the message itself is handed over (the
+        dispatcher's: journal the previous acceptance, a Redis round trip; it passes
+        one only when no rate limit applies, so it never waits). A protocol with round
+        trips of its own before the hand-over calls it while they are under way (SMTP:
+        while the relay answers MAIL, RCPT and DATA), so the two overlap. A call that
+        fails before the hand-over need not call it.
+
+        Between begin and the answer, the dispatcher prepares the next message, so a
+        protocol that can write a request and read its answer later (SMTP: the relay's
+        reply to the end of DATA) does that work while the provider works. By default
+        the whole call happens here."""
+        cleared()
         return answered(self.send(message))
 
     def send_many(self, messages: Sequence[OutboundMessage]) -> list[SendResult]:

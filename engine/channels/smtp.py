@@ -69,6 +69,10 @@ class _StaleSession(Exception):
     """The reused session was gone before this message's MAIL FROM was accepted."""
 
 
+class _NotCleared(Exception):
+    """The dispatcher's `cleared` raised (Redis down) mid-envelope; its cause is that."""
+
+
 class SmtpChannel(Channel):
     name = "smtp"
     channel_type = "email"
@@ -110,9 +114,16 @@ class SmtpChannel(Channel):
     def send(self, message: OutboundMessage) -> SendResult:
         return self.begin(message)()
 
-    def begin(self, message: OutboundMessage) -> Callable[[], SendResult]:
+    def begin(
+        self, message: OutboundMessage, cleared: Callable[[], None] = lambda: None
+    ) -> Callable[[], SendResult]:
         """Everything up to the message's last byte; the returned function reads the
-        relay's verdict on it (the reply that takes the relay's own latency)."""
+        relay's verdict on it (the reply that takes the relay's own latency).
+
+        With PIPELINING, `cleared` runs while the relay answers MAIL, RCPT and DATA:
+        the dispatcher's Redis round trip and the envelope's overlap. The message
+        itself goes only after it has returned. (The dispatcher passes it only when
+        it cannot wait for a rate token, so the relay is never held at its 354.)"""
         delivery_id = message.delivery_id
         if message.wire is not None:
             sender, data = self._envelope_sender(message), message.wire
@@ -124,6 +135,14 @@ class SmtpChannel(Channel):
                     SendResult.permanent(delivery_id, f"could not build the email: {exc}")
                 )
         utf8 = not (sender.isascii() and message.address.isascii())
+        waiting = [cleared]
+
+        def clear_once() -> None:
+            if waiting:
+                try:
+                    waiting.pop()()
+                except BaseException as exc:  # not the relay's fault: handed on as it is
+                    raise _NotCleared from exc
 
         for _ in range(2):  # a stale reused session earns exactly one reconnect
             reused = self._smtp is not None
@@ -132,7 +151,12 @@ class SmtpChannel(Channel):
             except _Unusable as unusable:
                 return answered(unusable.result(delivery_id))
             try:
-                refused = self._envelope(smtp, message, sender, utf8)
+                refused = self._envelope(smtp, message, sender, utf8, clear_once)
+                if refused is None:
+                    clear_once()  # both envelopes called it already; this is the guarantee
+            except _NotCleared as failed:
+                self._discard()  # the envelope is open: dropping the session ends it
+                raise failed.__cause__ from None
             except _StaleSession as stale:
                 self._discard()
                 if not reused:
@@ -154,7 +178,12 @@ class SmtpChannel(Channel):
         return answered(SendResult.transient(delivery_id, "SMTP connection lost twice"))
 
     def _envelope(
-        self, smtp: smtplib.SMTP, message: OutboundMessage, sender: str, utf8: bool
+        self,
+        smtp: smtplib.SMTP,
+        message: OutboundMessage,
+        sender: str,
+        utf8: bool,
+        cleared: Callable[[], None],
     ) -> SendResult | None:
         """MAIL, RCPT and DATA up to the relay's 354; the refusal, or None to go on.
         Raises _StaleSession when the session was gone before MAIL FROM was accepted."""
@@ -171,8 +200,9 @@ class SmtpChannel(Channel):
                 )
             options = " SMTPUTF8 BODY=8BITMIME"
         if smtp.has_extn("pipelining"):
-            replies = self._pipelined_envelope(smtp, message, sender, options, utf8)
+            replies = self._pipelined_envelope(smtp, message, sender, options, utf8, cleared)
         else:
+            cleared()
             replies = self._stepwise_envelope(smtp, message, sender, options)
         for stage, (code, reply) in zip(_EXPECTED, replies, strict=False):
             if code not in _EXPECTED[stage]:
@@ -185,13 +215,21 @@ class SmtpChannel(Channel):
         return None
 
     def _pipelined_envelope(
-        self, smtp: smtplib.SMTP, message: OutboundMessage, sender: str, options: str, utf8: bool
+        self,
+        smtp: smtplib.SMTP,
+        message: OutboundMessage,
+        sender: str,
+        options: str,
+        utf8: bool,
+        cleared: Callable[[], None],
     ) -> list[tuple[int, bytes]]:
         """RFC 2920: the three commands in one write, their replies read in order. Two
-        round trips fewer per message than command by command."""
+        round trips fewer per message than command by command; `cleared` runs while
+        the relay works on them."""
         commands = f"MAIL FROM:<{sender}>{options}\r\nRCPT TO:<{message.address}>\r\nDATA\r\n"
         try:
             smtp.send(commands.encode("utf-8" if utf8 else "ascii"))
+            cleared()
             mail = smtp.getreply()
         except smtplib.SMTPServerDisconnected as exc:
             raise _StaleSession(str(exc)) from exc

@@ -87,9 +87,12 @@ class TwilioChannel(Channel):
     def send(self, message: OutboundMessage) -> SendResult:
         return self.begin(message)()
 
-    def begin(self, message: OutboundMessage) -> Callable[[], SendResult]:
+    def begin(
+        self, message: OutboundMessage, cleared: Callable[[], None] = lambda: None
+    ) -> Callable[[], SendResult]:
         delivery_id = message.delivery_id
         body = urlencode(self.form_for(message)).encode()
+        cleared()  # nothing of ours to overlap it with: the request is the hand-over
         try:
             read = self._client.start(
                 "POST", self._path, body, {IDEMPOTENCY_HEADER: message.idempotency_key}

@@ -360,6 +360,7 @@ def _send(
     remaining = list(claimed)  # claimed rows not yet recorded nor handed back
     pending: list[tuple[_Claimed, SendResult]] = []  # answered, not yet recorded
     unjournaled: JournalEntry | None = None  # the last acceptance, not yet in Redis
+    rate_limited = any(rate > 0 for _, rate in batch.buckets)  # may a take have to wait?
 
     def take_token() -> None:
         # One round trip journals the previous call's acceptance and takes this call's
@@ -387,8 +388,11 @@ def _send(
         for index, row in enumerate(rows):
             message, answer = following, None
             if message is not None:  # None: it failed in prepare and is pending already
-                take_token()
-                answer = channel.begin(message)
+                if rate_limited:  # a wait for a token must not hold a provider mid-call
+                    take_token()
+                    answer = channel.begin(message)
+                else:  # the journal write alone: SMTP overlaps it with the envelope
+                    answer = channel.begin(message, take_token)
             try:
                 if index + 1 < len(rows):
                     following = prepare(rows[index + 1])
