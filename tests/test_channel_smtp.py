@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from email import message_from_bytes
 from email import policy as email_policy
@@ -369,20 +371,23 @@ def test_the_direct_mime_path_agrees_with_email_message_on_any_text(subject, tex
         assert fast["headers"] == slow["headers"]
 
 
-def test_a_pipelining_relay_gets_mail_rcpt_and_data_before_answering_any(channel_settings):
-    """RFC 2920 on the wire: a relay that offers PIPELINING and answers nothing until it
-    has the whole envelope. A client going command by command would wait for MAIL's
-    reply that never comes, and time out."""
-    seen: dict[str, list[bytes]] = {}
+@contextmanager
+def scripted_pipelining_relay(
+    channel_settings: Settings, seen: dict, before_replies: Callable[[], None] = lambda: None
+) -> Iterator[Settings]:
+    """A relay on a raw socket that offers PIPELINING and answers nothing until it has
+    the whole envelope (and `before_replies` has returned); what it read goes to `seen`.
+    Yields the settings that point an SMTP channel at it, for one message."""
 
     def relay(listener: socket.socket) -> None:
         connection, _ = listener.accept()
-        connection.settimeout(2)
+        connection.settimeout(5)
         with connection, connection.makefile("rb") as lines:
             connection.sendall(b"220 relay.test ESMTP\r\n")
             lines.readline()  # EHLO
             connection.sendall(b"250-relay.test\r\n250 PIPELINING\r\n")
             seen["envelope"] = [lines.readline() for _ in range(3)]
+            before_replies()
             connection.sendall(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 Go ahead\r\n")
             seen["data"] = list(iter(lines.readline, b".\r\n"))
             connection.sendall(b"250 2.0.0 queued\r\n")
@@ -392,7 +397,7 @@ def test_a_pipelining_relay_gets_mail_rcpt_and_data_before_answering_any(channel
     with socket.create_server(("127.0.0.1", 0)) as listener:
         server = threading.Thread(target=relay, args=(listener,), daemon=True)
         server.start()
-        settings = replace(
+        yield replace(
             channel_settings,
             email_provider="smtp",
             smtp_host="127.0.0.1",
@@ -401,9 +406,19 @@ def test_a_pipelining_relay_gets_mail_rcpt_and_data_before_answering_any(channel
             smtp_password="",
             smtp_starttls=False,
         )
-        with SmtpChannel(settings, **FAST_TIMEOUTS) as channel:
-            result = channel.send(email(delivery_id=7, text="Hello\n.hidden dot line"))
         server.join(5)
+
+
+def test_a_pipelining_relay_gets_mail_rcpt_and_data_before_answering_any(channel_settings):
+    """RFC 2920 on the wire: a relay that offers PIPELINING and answers nothing until it
+    has the whole envelope. A client going command by command would wait for MAIL's
+    reply that never comes, and time out."""
+    seen: dict[str, list[bytes]] = {}
+    with (
+        scripted_pipelining_relay(channel_settings, seen) as settings,
+        SmtpChannel(settings, **FAST_TIMEOUTS) as channel,
+    ):
+        result = channel.send(email(delivery_id=7, text="Hello\n.hidden dot line"))
 
     assert (result.outcome, result.error) == ("sent", None)
     assert seen["envelope"] == [
@@ -425,41 +440,19 @@ def test_the_dispatchers_round_trip_runs_while_the_relay_answers_the_envelope(
     envelope_read, cleared_ran = threading.Event(), threading.Event()
     seen: dict[str, object] = {}
 
-    def relay(listener: socket.socket) -> None:
-        connection, _ = listener.accept()
-        connection.settimeout(5)
-        with connection, connection.makefile("rb") as lines:
-            connection.sendall(b"220 relay.test ESMTP\r\n")
-            lines.readline()  # EHLO
-            connection.sendall(b"250-relay.test\r\n250 PIPELINING\r\n")
-            seen["envelope"] = [lines.readline() for _ in range(3)]
-            envelope_read.set()
-            seen["cleared before the replies"] = cleared_ran.wait(2)
-            connection.sendall(b"250 2.1.0 OK\r\n250 2.1.5 OK\r\n354 Go ahead\r\n")
-            seen["data"] = list(iter(lines.readline, b".\r\n"))
-            connection.sendall(b"250 2.0.0 queued\r\n")
-            lines.readline()  # QUIT
-            connection.sendall(b"221 2.0.0 Bye\r\n")
+    def hold_the_replies() -> None:
+        envelope_read.set()
+        seen["cleared before the replies"] = cleared_ran.wait(2)
 
     def cleared() -> None:
         seen["envelope out when cleared"] = envelope_read.wait(2)
         cleared_ran.set()
 
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        server = threading.Thread(target=relay, args=(listener,), daemon=True)
-        server.start()
-        settings = replace(
-            channel_settings,
-            email_provider="smtp",
-            smtp_host="127.0.0.1",
-            smtp_port=listener.getsockname()[1],
-            smtp_username="",
-            smtp_password="",
-            smtp_starttls=False,
-        )
-        with SmtpChannel(settings, **FAST_TIMEOUTS) as channel:
-            result = channel.begin(email(delivery_id=8), cleared)()
-        server.join(5)
+    with (
+        scripted_pipelining_relay(channel_settings, seen, hold_the_replies) as settings,
+        SmtpChannel(settings, **FAST_TIMEOUTS) as channel,
+    ):
+        result = channel.begin(email(delivery_id=8), cleared)()
 
     assert (result.outcome, result.error) == ("sent", None)
     assert seen["envelope out when cleared"] is True
