@@ -649,31 +649,7 @@ def _record(
         if outcome.get("next_attempt_at") is not None:
             outcome["next_attempt_at"] = _stored_timestamp(outcome["next_attempt_at"], batch)
         outcomes.append(outcome)
-    template = _RECORD_POSTGRESQL if batch.dialect == "postgresql" else _RECORD_SQLITE
-    stmt = text(template.format(assignments=_ASSIGNMENTS, ours=_OURS)).bindparams(
-        bindparam("now", type_=UTCDateTime()),
-        bindparam("lease", type_=UTCDateTime()),
-        bindparam("channel_id", type_=CampaignChannel.__table__.c.id.type),
-    )
-    params = {
-        "outcomes": json.dumps(outcomes),
-        "now": now,
-        "lease": batch.lease,
-        "channel_id": batch.channel_id,
-    }
-    if batch.dialect == "postgresql":
-        changed = {status: n for status, n in session.execute(stmt, params)}
-    else:
-        changed = {}
-        for (status,) in session.execute(stmt, params):
-            changed[status] = changed.get(status, 0) + 1
-        if changed.get("sent"):
-            session.execute(
-                update(CampaignChannel)
-                .where(CampaignChannel.id == batch.channel_id)
-                .values(sent_count=CampaignChannel.sent_count + changed["sent"])
-                .execution_options(synchronize_session=False)
-            )
+    changed = _apply_outcomes(session, batch.dialect, batch.channel_id, batch.lease, outcomes, now)
     for status, n in changed.items():
         batch.add(status, n)
     if sum(changed.values()) < len(results):
@@ -685,6 +661,43 @@ def _record(
     _suppress_refused_addresses(session, batch, results)
     if any(result.outcome != "sent" for _, result in results):
         _check_error_threshold(session, batch)
+
+
+def _apply_outcomes(
+    session: Session,
+    dialect: str,
+    channel_id: uuid.UUID,
+    lease: datetime,
+    outcomes: list[dict[str, Any]],
+    now: datetime,
+) -> dict[str, int]:
+    """The hot statement over one channel's outcomes ({id, attempts, status, …} each,
+    under one lease); returns how many rows changed to each status."""
+    template = _RECORD_POSTGRESQL if dialect == "postgresql" else _RECORD_SQLITE
+    stmt = text(template.format(assignments=_ASSIGNMENTS, ours=_OURS)).bindparams(
+        bindparam("now", type_=UTCDateTime()),
+        bindparam("lease", type_=UTCDateTime()),
+        bindparam("channel_id", type_=CampaignChannel.__table__.c.id.type),
+    )
+    params = {
+        "outcomes": json.dumps(outcomes),
+        "now": now,
+        "lease": lease,
+        "channel_id": channel_id,
+    }
+    if dialect == "postgresql":
+        return {status: n for status, n in session.execute(stmt, params)}
+    changed: dict[str, int] = {}
+    for (status,) in session.execute(stmt, params):
+        changed[status] = changed.get(status, 0) + 1
+    if changed.get("sent"):
+        session.execute(
+            update(CampaignChannel)
+            .where(CampaignChannel.id == channel_id)
+            .values(sent_count=CampaignChannel.sent_count + changed["sent"])
+            .execution_options(synchronize_session=False)
+        )
+    return changed
 
 
 def record_recovered_acceptances(
@@ -699,23 +712,14 @@ def record_recovered_acceptances(
     message id}. The same statement and compare-and-set as a live batch's checkpoint,
     so sent_count grows by exactly the rows that changed, and a row the worker did
     record after all is left alone. Returns how many became sent."""
-    batch = _Batch(
-        channel_id=channel_id,
-        campaign_id=channel_id,  # unused: only failures consult the campaign
-        user_id=channel_id,
-        channel_type="",
-        max_attempts=0,
-        error_threshold={},
-        buckets=[],
-        lease=lease,
-        dialect=session.get_bind().dialect.name,
-    )
-    results = [
-        (_Claimed(delivery_id, None, None, attempts), SendResult(delivery_id, "sent", pmid))
+    outcomes = [
+        {"id": delivery_id, "attempts": attempts, "status": "sent", "provider_message_id": pmid}
         for (delivery_id, attempts), pmid in accepted.items()
     ]
-    _record(session, batch, results, now, random.random)
-    return batch.counts.get("sent", 0)
+    if not outcomes:
+        return 0
+    dialect = session.get_bind().dialect.name
+    return _apply_outcomes(session, dialect, channel_id, lease, outcomes, now).get("sent", 0)
 
 
 def _stored_timestamp(value: datetime, batch: _Batch) -> str:
