@@ -662,11 +662,11 @@ def profile_cycle(factory, args, user_id, kind: str, sinks: dict[str, SinkProces
         "provider call: answer (rest of wait)", begin(message, cleared)
     )
     for name, label in (
-        ("_load_batch", "db: load campaign, compile templates"),
+        ("load_batch_run", "db: load campaign, compile templates"),
         ("_claim", "db: claim"),
         ("_suppress", "db: suppressions"),
         ("_contacts", "db: contacts"),
-        ("_record", "db: record outcomes (per checkpoint)"),
+        ("record_outcomes", "db: record outcomes (per checkpoint)"),
         ("_checkpoint", "db: renew lease, re-check status (per checkpoint)"),
     ):
         patches[name] = timers.wrap(label, getattr(sending, name))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from engine.dispatch.sending import record_recovered_acceptances
+from engine.dispatch.recording import record_recovered_acceptances
 from engine.models import Delivery, DeliveryEvent
 from engine.tracking.orphans import ORPHAN_TTL, adopt_orphans
 from engine.tracking.recording import Event, record, record_orphan

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import update
 
 from engine.channels import OutboundMessage, channel_for
-from engine.dispatch.sending import record_recovered_acceptances
+from engine.dispatch.recording import record_recovered_acceptances
 from engine.models import Delivery
 from tests.campaigns_fixtures import insert_contact
 from tests.dispatch_helpers import assert_counters_match

@@ -51,10 +51,18 @@ from engine.campaigns.templates import TemplateRenderError
 from engine.channels import Channel, OutboundMessage, SendResult
 from engine.clock import Clock
 from engine.db import session_scope
-from engine.dispatch import sending
 from engine.dispatch.completion import UNFINISHED, complete_finished
 from engine.dispatch.messages import build_message
-from engine.dispatch.sending import BatchReport, _Batch, _Claimed
+from engine.dispatch.recording import (
+    BatchReport,
+    BatchRun,
+    ClaimedRow,
+    check_error_threshold,
+    drop_invalid_push_tokens,
+    load_batch_run,
+    next_state,
+    stored_timestamp,
+)
 from engine.models import CampaignChannel, Contact
 from engine.models.base import UTCDateTime
 from engine.settings import Settings
@@ -86,7 +94,7 @@ def send_whole_batch(
     with session_scope(session_factory) as session:
         if session.get_bind().dialect.name != "postgresql":
             return None
-        loaded = sending._load_batch(session, channel_id, settings, now)  # no lease is set
+        loaded = load_batch_run(session, channel_id, settings, now)  # no lease is set
         if loaded is None:
             return BatchReport(stopped="not running")
         batch, compiled = loaded
@@ -170,7 +178,7 @@ def _lock_statement(channel_type: str, columns: tuple[str, ...]):
 
 def _lock(
     session: Session,
-    batch: _Batch,
+    batch: BatchRun,
     compiled: CompiledChannel,
     first_id: int,
     last_id: int,
@@ -294,7 +302,7 @@ SELECT status, count(*) AS n FROM changed GROUP BY status
 
 def _record(
     session: Session,
-    batch: _Batch,
+    batch: BatchRun,
     results: list[tuple[Row, SendResult]],
     suppressed: list[Row],
     now: datetime,
@@ -317,14 +325,14 @@ def _record(
                 }
             )
             continue
-        claimed = _Claimed(row.delivery_id, row.delivery_contact_id, row.delivery_address, attempt)
+        claimed = ClaimedRow(
+            row.delivery_id, row.delivery_contact_id, row.delivery_address, attempt
+        )
         failures.append((claimed, result))
         outcome = {"id": row.delivery_id, "attempts": attempt}
-        outcome.update(sending._outcome(batch, claimed, result, now, rng))
+        outcome.update(next_state(batch, claimed, result, now, rng))
         if outcome.get("next_attempt_at") is not None:
-            outcome["next_attempt_at"] = sending._stored_timestamp(
-                outcome["next_attempt_at"], batch
-            )
+            outcome["next_attempt_at"] = stored_timestamp(outcome["next_attempt_at"], batch)
         outcomes.append(outcome)
     changed = {
         status: n
@@ -340,9 +348,9 @@ def _record(
     if sum(changed.values()) != len(outcomes):  # cannot happen under the row locks
         raise RuntimeError(f"recorded {sum(changed.values())} of {len(outcomes)} locked rows")
     if failures:
-        sending._drop_invalid_push_tokens(session, batch, failures)
+        drop_invalid_push_tokens(session, batch, failures)
         if any(result.outcome != "sent" for _row, result in failures):
-            sending._check_error_threshold(session, batch)
+            check_error_threshold(session, batch)
     return changed
 
 
@@ -371,7 +379,7 @@ _LATER_WORK = text(
 ).bindparams(bindparam("channel_id", type_=CampaignChannel.__table__.c.id.type))
 
 
-def _complete_if_last(session: Session, batch: _Batch, last_id: int, clock: Clock) -> None:
+def _complete_if_last(session: Session, batch: BatchRun, last_id: int, clock: Clock) -> None:
     """Complete the campaign now if this looks like its channel's last batch, instead of
     leaving it to the next reconciliation (up to RECONCILE_INTERVAL later).
 

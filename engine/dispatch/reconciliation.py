@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 from engine.dispatch.completion import channel_has_work, complete_finished
 from engine.dispatch.journal import AcceptanceJournal
 from engine.dispatch.planning import BATCH_SIZE, PLANNABLE, Batch, dispatch_queued
-from engine.dispatch.sending import record_recovered_acceptances
+from engine.dispatch.recording import record_recovered_acceptances
 from engine.models import Campaign, CampaignChannel, Delivery
 
 # How long a queued row may wait for the batch task that was enqueued for it before
