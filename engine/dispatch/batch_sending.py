@@ -54,6 +54,7 @@ from engine.db import session_scope
 from engine.dispatch.completion import UNFINISHED, complete_finished
 from engine.dispatch.messages import build_message
 from engine.dispatch.recording import (
+    SENT_COUNT_FROM_CHANGED,
     BatchReport,
     BatchRun,
     ClaimedRow,
@@ -287,13 +288,8 @@ changed AS (
       AND (d.campaign_channel_id = :channel_id) IS TRUE AND d.status = 'queued'
     RETURNING d.status
 ),
-bumped AS (
-    UPDATE campaign_channels
-    SET sent_count = sent_count + (SELECT count(*) FROM changed WHERE status = 'sent')
-    WHERE id = :channel_id AND EXISTS (SELECT 1 FROM changed WHERE status = 'sent')
-)
-SELECT status, count(*) AS n FROM changed GROUP BY status
 """
+    + SENT_COUNT_FROM_CHANGED
 ).bindparams(
     bindparam("now", type_=UTCDateTime()),
     bindparam("channel_id", type_=CampaignChannel.__table__.c.id.type),

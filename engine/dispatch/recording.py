@@ -130,12 +130,26 @@ def next_state(
     return {"status": "failed", "last_error": result.error}
 
 
+# How sent_count grows on PostgreSQL, the tail of every statement that records outcomes
+# (a CTE `changed` returning each changed row's new status, :channel_id bound): by the
+# rows `changed` made 'sent', counted in SQL in the same statement, so the counter and
+# the deliveries cannot disagree. Returns (status, rows changed to it).
+SENT_COUNT_FROM_CHANGED = """
+bumped AS (
+    UPDATE campaign_channels
+    SET sent_count = sent_count + (SELECT count(*) FROM changed WHERE status = 'sent')
+    WHERE id = :channel_id AND EXISTS (SELECT 1 FROM changed WHERE status = 'sent')
+)
+SELECT status, count(*) AS n FROM changed GROUP BY status
+"""
+
 # The hot recording statement, PostgreSQL form. The outcomes arrive as one JSON document
 # (one bind parameter whatever the batch size, so one cached plan); the UPDATE applies
 # them with a compare-and-set on status, lease and attempt number; the second CTE adds
 # to sent_count exactly the rows the first one changed to 'sent' — counted in SQL, in
 # the same statement, so the counter and the log cannot disagree.
-_RECORD_POSTGRESQL = """
+_RECORD_POSTGRESQL = (
+    """
 WITH outcome AS (
     SELECT * FROM jsonb_to_recordset(CAST(:outcomes AS jsonb)) AS o(
         id bigint, attempts integer, status text, provider_message_id text,
@@ -147,13 +161,10 @@ changed AS (
     WHERE {ours}
     RETURNING d.status
 ),
-bumped AS (
-    UPDATE campaign_channels
-    SET sent_count = sent_count + (SELECT count(*) FROM changed WHERE status = 'sent')
-    WHERE id = :channel_id AND EXISTS (SELECT 1 FROM changed WHERE status = 'sent')
-)
-SELECT status, count(*) AS n FROM changed GROUP BY status
 """
+    + SENT_COUNT_FROM_CHANGED
+)
+
 # SQLite (embedded, a single writer: the transaction holds the database's write lock),
 # so counting RETURNING rows here and bumping the counter next is just as exact. Its
 # RETURNING may only name the target's columns, unqualified.

@@ -15,8 +15,9 @@ sessionmaker), because a provider call must never happen inside an open transact
   connection held for the seconds a batch takes, nothing blocking pause or cancel.
 - Outcomes are recorded (engine.dispatch.recording) in short transactions, one per
   checkpoint (during every CHECKPOINT_EVERY-th call, and at the end), each a handful
-  of set-based statements. A checkpoint is written while its chunk's last call waits for the provider, so it
-  adds no time of its own to a batch; that call is recorded by the next checkpoint.
+  of set-based statements. A checkpoint is written while its chunk's last call waits
+  for the provider, so it adds no time of its own to a batch; that call is recorded by
+  the next checkpoint.
 
 Every write after the claim is a compare-and-set on (status = 'sending', our lease,
 the attempt number we claimed), so a row that reconciliation took back after our lease
