@@ -77,15 +77,24 @@ from bench.dispatch import (
     purge_queues,
     worker_env,
 )
-from bench.sinks import TWILIO_FROM, TWILIO_SID, TWILIO_TOKEN, SinkProcess, SinkStats
+from bench.sinks import (
+    LONG_GAP,
+    TWILIO_FROM,
+    TWILIO_SID,
+    TWILIO_TOKEN,
+    SinkProcess,
+    SinkStats,
+)
 from engine.campaigns.transitions import transition
 from engine.db import make_engine, make_session_factory, session_scope
+from engine.dispatch.planning import BATCH_SIZE
 from engine.models import Audience, Campaign, CampaignChannel, Delivery
 from engine.settings import QUEUES, get_settings
 
 SINK_OF = {"email": "smtp", "sms": "twilio"}
 POLL = 0.02  # seconds between two looks at the sink while a phase runs
 DB_POLL = 0.1  # … and at the campaign's row: cheaper for PostgreSQL, which is measured
+WARM_UP_BATCHES = 2  # per pool process, before the timed rounds
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # What the direct client sends: the same shape as Herald's messages (bench.dispatch's
 # channel configs, rendered for contact n as create_user_and_contacts names it).
@@ -334,6 +343,25 @@ def run_herald(factory, args, user_id, kind: str, sink: SinkProcess, meter: CpuM
     )  # fmt: skip
     phase.problems = verify_herald(factory, campaign_id, channel_id, n, sink)
     return phase
+
+
+def warm_up(factory, args, user_id, kind: str) -> None:
+    """An untimed campaign (WARM_UP_BATCHES per pool process), waited for until done."""
+    campaign_id, _ = create_campaign(factory, user_id, kind)
+    app.send_task("herald.plan_campaign", kwargs={"campaign_id": str(campaign_id)})
+    deadline = time.monotonic() + args.timeout
+    next_reconcile = time.monotonic() + RECONCILE_TICK
+    while True:
+        with session_scope(factory) as session:
+            status = session.scalar(select(Campaign.status).where(Campaign.id == campaign_id))
+        if status == "completed":
+            return
+        if status != "running" or time.monotonic() > deadline:
+            raise RuntimeError(f"warm-up {kind} campaign is {status}")
+        if time.monotonic() >= next_reconcile:  # playing beat, as run_herald does
+            app.send_task("herald.reconcile")
+            next_reconcile = time.monotonic() + RECONCILE_TICK
+        time.sleep(DB_POLL)
 
 
 def verify_herald(factory, campaign_id, channel_id, n: int, sink: SinkProcess) -> list[str]:
@@ -629,6 +657,15 @@ class Timers:
         return timed
 
 
+def _gap_line(stats: SinkStats) -> str:
+    """The client's turn per message, as the sink saw it: reply out → next byte in."""
+    return (
+        f"mean {1e6 * stats.gap_mean:.0f} µs, median {1e6 * stats.gap_p50:.0f} µs, "
+        f"p99 {1e6 * stats.gap_p99:.0f} µs; in gaps over {1e3 * LONG_GAP:.0f} ms: "
+        f"{stats.gap_long:.2f} s in all"
+    )
+
+
 def profile_cycle(factory, args, user_id, kind: str, sinks: dict[str, SinkProcess]) -> None:
     """Send --profile-batches batches of a fresh campaign in this process, one
     connection, through send_batch with the workers' own parts (channel, Redis rate
@@ -783,6 +820,7 @@ def report(args, phases: list[Phase]) -> bool:
             f"{extra}"
         )
         print(f"      cpu: {_cpu_line(phase, party)}")
+        print(f"      client gap: {_gap_line(phase.sink)}")
         if phase.problems:
             ok = False
             print(f"      PROBLEMS: {'; '.join(phase.problems)}")
@@ -876,7 +914,7 @@ def main() -> None:
     latency = args.latency_ms / 1000
     sinks = {SINK_OF[kind]: SinkProcess(SINK_OF[kind], latency) for kind in args.channels}
     workers = None
-    user_id = None
+    user_id = warm_user_id = None
     try:
         for sink in sinks.values():
             sink.start()
@@ -892,6 +930,14 @@ def main() -> None:
         )
         workers.start()
         workers.wait_ready()
+        # The direct clients connect before their clock starts; Herald's pool processes
+        # open their provider, PostgreSQL and Redis connections (and compile what they
+        # cache) on their first batch. One untimed campaign per channel does that first.
+        warm_user_id = create_user_and_contacts(
+            factory, WARM_UP_BATCHES * BATCH_SIZE * args.workers * args.concurrency
+        )
+        for kind in args.channels:
+            warm_up(factory, args, warm_user_id, kind)
         meter = CpuMeter(
             {
                 "herald": workers.pids,
@@ -922,9 +968,10 @@ def main() -> None:
             workers.stop()
         for sink in sinks.values():
             sink.stop()
-        if user_id is not None and not args.keep:
-            with session_scope(factory) as session:
-                session.execute(text("DELETE FROM users WHERE id = :id"), {"id": user_id})
+        for owner in (user_id, warm_user_id):
+            if owner is not None and not args.keep:
+                with session_scope(factory) as session:
+                    session.execute(text("DELETE FROM users WHERE id = :id"), {"id": owner})
         engine.dispose()
 
 

@@ -47,6 +47,7 @@ import json
 import os
 import re
 import select
+import selectors
 import socket
 import subprocess
 import sys
@@ -66,6 +67,7 @@ TWILIO_FROM = "+15005550006"
 HOSTNAME = b"sink.bench.local"
 MAX_MESSAGE = 32 * 1024 * 1024
 MAX_LINE = 64 * 1024  # a command or header block longer than this is refused
+LONG_GAP = 0.001  # a client gap longer than this is a stall (a checkpoint, a new batch)
 
 # Only the headers are searched: the body of a message may quote anything.
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*<herald\.([^@>\s]+)@", re.IGNORECASE | re.MULTILINE)
@@ -85,6 +87,12 @@ class SinkStats:
     latency_mean: float  # seconds actually waited per message (asked: the latency)
     latency_max: float
     cpu_seconds: float  # user + system CPU of the sink process since it started
+    # The client's turn: from a reply written to the next message's first byte on that
+    # connection (the client's work between two calls, plus loopback and wake-ups).
+    gap_mean: float = 0.0
+    gap_p50: float = 0.0
+    gap_p99: float = 0.0
+    gap_long: float = 0.0  # the part of all gaps spent in gaps over LONG_GAP, seconds
 
     @property
     def window(self) -> float:
@@ -100,6 +108,7 @@ class _Ledger:
         self.reset()
 
     def reset(self) -> None:
+        self.reset_at = time.perf_counter()  # gaps that began before are not counted
         self.counts: Counter[str] = Counter()
         self.unkeyed = 0
         self.refused = 0
@@ -108,6 +117,11 @@ class _Ledger:
         self.last: float | None = None
         self.waited = 0.0
         self.waited_max = 0.0
+        self.gaps: list[float] = []
+
+    def gap(self, replied_at: float) -> None:
+        if replied_at >= self.reset_at:
+            self.gaps.append(time.perf_counter() - replied_at)
 
     def accept(self, key: str | None, waited: float) -> None:
         now = time.monotonic()
@@ -125,6 +139,7 @@ class _Ledger:
         keyed = sum(self.counts.values())
         accepted = keyed + self.unkeyed
         times = os.times()
+        gaps = sorted(self.gaps)
         return SinkStats(
             accepted=accepted,
             keys=len(self.counts),
@@ -138,6 +153,10 @@ class _Ledger:
             latency_mean=self.waited / accepted if accepted else 0.0,
             latency_max=self.waited_max,
             cpu_seconds=times.user + times.system,
+            gap_mean=sum(gaps) / len(gaps) if gaps else 0.0,
+            gap_p50=gaps[len(gaps) // 2] if gaps else 0.0,
+            gap_p99=gaps[len(gaps) * 99 // 100] if gaps else 0.0,
+            gap_long=sum(g for g in gaps if g > LONG_GAP),
         )
 
 
@@ -155,6 +174,7 @@ class _Connection(asyncio.Protocol):
         self.waiting = False
         self.closing = False
         self.close_after_reply = False  # "Connection: close" on a delayed answer
+        self.replied_at: float | None = None  # the last reply, until the client's next byte
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -171,6 +191,9 @@ class _Connection(asyncio.Protocol):
         self.closing = True
 
     def data_received(self, data: bytes) -> None:
+        if self.replied_at is not None:
+            self.ledger.gap(self.replied_at)
+            self.replied_at = None
         self.buffer += data
         if len(self.buffer) > MAX_MESSAGE + MAX_LINE:
             self.close()
@@ -195,6 +218,7 @@ class _Connection(asyncio.Protocol):
             return  # the client hung up before the answer: not accepted
         self.ledger.accept(key, time.perf_counter() - started)
         self.write(reply)
+        self.replied_at = time.perf_counter()
         if self.close_after_reply:
             self.close()
         else:
@@ -423,7 +447,10 @@ def serve(kind: str, latency: float) -> None:
     JSON line on stdout per command line read from stdin; stop at "stop" or at EOF (the
     parent died)."""
     protocol = _PROTOCOLS[kind]
-    loop = asyncio.new_event_loop()
+    # select(2), not epoll: epoll_wait's timeout is whole milliseconds, rounded up, so a
+    # 2 ms latency landed anywhere between 2 and 3 ms depending on what else woke the
+    # loop; select's is in microseconds. A sink has a handful of sockets.
+    loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
     asyncio.set_event_loop(loop)
     ledger = _Ledger()
     server = loop.run_until_complete(
