@@ -124,6 +124,8 @@ class RateLimiter:
         self.redis = redis_client
         self.clock = clock
         self._connection = None  # the limiter's own, opened on first use
+        # A journal write sent on it whose reply is not read yet (see hand_over).
+        self._unconfirmed: tuple[list[str], list] | None = None
         self._memory: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
@@ -134,9 +136,41 @@ class RateLimiter:
 
     def close(self) -> None:
         with self._lock:
+            self._unconfirmed = None
             if self._connection is not None:
                 self._connection.disconnect()
                 self._connection = None
+
+    def hand_over(self, journal: JournalEntry) -> None:
+        """Send a journal entry to Redis without waiting for its reply (confirm reads it).
+
+        For a call with no rate token to wait for: the entry is written to the socket
+        before the next provider call, and its reply is read while that call is out,
+        so the round trip adds nothing to the time between two calls. Written is
+        enough to survive the worker: bytes in the socket belong to the kernel, which
+        delivers them whether or not the process lives (a SIGKILL closes the socket
+        after them, and nothing unread sits in it to turn that into a reset). What the
+        reply adds is Redis's word that it applied the write; if it says otherwise
+        (a restart lost the script, the connection broke), confirm writes the entry
+        again, waiting this time, or raises."""
+        if self.redis is None:
+            return  # nowhere durable to write it (see take)
+        keys, args = self._script_args([], journal)
+        with self._lock:
+            self._confirm_locked()
+            connection = self._own_connection()
+            try:
+                connection.send_command("EVALSHA", _TAKE_SHA, len(keys), *keys, *args)
+            except (RedisConnectionError, RedisTimeoutError):
+                connection.disconnect()
+                self._round_trip(keys, args)  # reconnects; once more, waiting
+                return
+            self._unconfirmed = (keys, args)
+
+    def confirm(self) -> None:
+        """Read the reply to the entry hand_over sent, if any; see there."""
+        with self._lock:
+            self._confirm_locked()
 
     def take(
         self, buckets: Sequence[tuple[str, float]], journal: JournalEntry | None = None
@@ -149,6 +183,11 @@ class RateLimiter:
             if not active:
                 return 0.0  # nothing limited, nothing to record: no round trip at all
             return self._take_in_memory(active, (self.clock.now() - _EPOCH) // _MICROSECOND)
+        return float(self._evalsha(*self._script_args(active, journal)))
+
+    def _script_args(
+        self, active: list[tuple[str, float]], journal: JournalEntry | None
+    ) -> tuple[list[str], list]:
         # Only the journal entry (no bucket) goes through the same script with n = 0:
         # one command is cheaper for the client than a pipeline of HSET and PEXPIRE.
         now = (self.clock.now() - _EPOCH) // _MICROSECOND
@@ -157,7 +196,7 @@ class RateLimiter:
         if journal is not None:
             keys.append(journal.key)
             args += [journal.field, journal.value, journal.ttl_ms]
-        return float(self._evalsha(keys, args))
+        return keys, args
 
     def _evalsha(self, keys: list[str], args: list) -> bytes:
         """EVALSHA on the limiter's own connection: one write, one read.
@@ -171,16 +210,31 @@ class RateLimiter:
         again is harmless: the journal entry is the same, and one token too many only
         slows the rate by that token."""
         with self._lock:
-            if self._connection is None:
-                pool = self.redis.connection_pool
-                self._connection = pool.connection_class(**pool.connection_kwargs)
-            try:
-                return self._round_trip(keys, args)
-            except NoScriptError:
-                self.redis.script_load(_TAKE_SCRIPT)
-            except (RedisConnectionError, RedisTimeoutError):
-                self._connection.disconnect()  # the next send reconnects
-            return self._round_trip(keys, args)
+            self._confirm_locked()  # a reply still due comes first on this connection
+            self._own_connection()
+            return self._retried(keys, args, self._round_trip)
+
+    def _retried(self, keys: list[str], args: list, first_try) -> bytes:
+        try:
+            return first_try(keys, args)
+        except NoScriptError:
+            self.redis.script_load(_TAKE_SCRIPT)
+        except (RedisConnectionError, RedisTimeoutError):
+            self._connection.disconnect()  # the next send reconnects
+        return self._round_trip(keys, args)
+
+    def _confirm_locked(self) -> None:
+        if self._unconfirmed is None:
+            return
+        keys, args = self._unconfirmed
+        self._unconfirmed = None
+        self._retried(keys, args, lambda *_: self._connection.read_response())
+
+    def _own_connection(self):
+        if self._connection is None:
+            pool = self.redis.connection_pool
+            self._connection = pool.connection_class(**pool.connection_kwargs)
+        return self._connection
 
     def _round_trip(self, keys: list[str], args: list) -> bytes:
         self._connection.send_command("EVALSHA", _TAKE_SHA, len(keys), *keys, *args)

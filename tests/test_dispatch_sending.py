@@ -8,6 +8,7 @@ the invariant: each channel's sent_count equals its deliveries with sent_at.
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -185,15 +186,34 @@ class Hooked(Channel):
         self.inner.close()
 
 
+def durable_acceptances(client, factory, scenario):
+    """What outlives the worker: the journal's entries, and the rows recorded sent
+    (whose entries the checkpoint then forgets). Redis is read first: an entry gone
+    from it was recorded before it was forgotten."""
+
+    def fields() -> set[str]:
+        in_redis = {f.decode() for f in client.hkeys(journal_key(scenario.channel_id))}
+        with factory() as other:
+            sent = other.scalars(
+                select(Delivery.id).where(
+                    Delivery.campaign_channel_id == scenario.channel_id,
+                    Delivery.status == "sent",
+                )
+            ).all()
+        return in_redis | {f"{i}:1" for i in sent}
+
+    return fields
+
+
 class Traced(SmtpChannel):
-    """The real SMTP channel, noting the order of its halves and what the acceptance
-    journal held once each call was cleared to hand its message over."""
+    """The real SMTP channel, noting the order of its halves and which acceptances
+    were durable (journaled or recorded) when each call's answer was about to be read."""
 
     def __init__(self, settings, journal_fields) -> None:
         super().__init__(settings)
         self.events: list[tuple[str, int]] = []
         self.journal_fields = journal_fields
-        self.journaled_when_cleared: dict[int, set[str]] = {}
+        self.durable_when_answered: dict[int, set[str]] = {}
 
     def prepare(self, message):
         self.events.append(("prepare", message.delivery_id))
@@ -205,12 +225,12 @@ class Traced(SmtpChannel):
         def traced_cleared():
             cleared()
             self.events.append(("cleared", message.delivery_id))
-            self.journaled_when_cleared[message.delivery_id] = self.journal_fields()
 
         answer = super().begin(message, traced_cleared)
 
         def traced_answer():
             self.events.append(("answer", message.delivery_id))
+            self.durable_when_answered[message.delivery_id] = self.journal_fields()
             return answer()
 
         return traced_answer
@@ -251,15 +271,14 @@ def test_the_next_email_is_built_while_the_relay_answers_and_journaled_calls_sta
     factory, db_session, settings, clock, limiter, smtp_server
 ):
     """Each call is begun, the next message is rendered and built, then the answer is
-    read: the work leaves the gap between two calls. Yet each acceptance is in the
-    journal before the next call is cleared to hand its message over (the round trip
-    runs while the relay answers the envelope), so one call at most is in flight."""
+    read: the work leaves the gap between two calls. Yet each acceptance is handed to
+    Redis when the next call is cleared to hand its message over, and confirmed while
+    that call is out: by the time its answer is read every earlier acceptance is
+    durable (journaled, or recorded), so one call at most is in flight."""
     scenario = make_scenario(db_session, "email", 3)
     client = redis.Redis.from_url(TEST_REDIS_URL)
     key = journal_key(scenario.channel_id)
-    channel = Traced(
-        smtp_server.settings(settings), lambda: {f.decode() for f in client.hkeys(key)}
-    )
+    channel = Traced(smtp_server.settings(settings), durable_acceptances(client, factory, scenario))
     with channel:
         report = run(
             factory, scenario, settings, clock, limiter, channel, journal=AcceptanceJournal(client)
@@ -272,7 +291,7 @@ def test_the_next_email_is_built_while_the_relay_answers_and_journaled_calls_sta
         ("begin", second), ("cleared", second), ("prepare", third), ("answer", second),
         ("begin", third), ("cleared", third), ("answer", third),
     ]  # fmt: skip
-    assert channel.journaled_when_cleared == {
+    assert channel.durable_when_answered == {
         first: set(),
         second: {f"{first}:1"},
         third: {f"{first}:1", f"{second}:1"},
@@ -379,10 +398,7 @@ def test_a_rate_limited_email_waits_for_its_token_before_the_envelope(
     the relay is never held mid-envelope; each acceptance is journaled by then."""
     scenario = make_scenario(db_session, "email", 3, rate_per_second=5)
     client = redis.Redis.from_url(TEST_REDIS_URL)
-    key = journal_key(scenario.channel_id)
-    channel = Traced(
-        smtp_server.settings(settings), lambda: {f.decode() for f in client.hkeys(key)}
-    )
+    channel = Traced(smtp_server.settings(settings), durable_acceptances(client, factory, scenario))
     journaled_at_begin: dict[int, set[str]] = {}
     sleeps: list[float] = []
     begin = channel.begin
@@ -401,9 +417,9 @@ def test_a_rate_limited_email_waits_for_its_token_before_the_envelope(
     first, second, third = scenario.delivery_ids
     assert report.sent == 3
     assert sleeps == [pytest.approx(0.2)] * 3  # every take waited, before its call
-    # cleared is the channel's no-op default here: it runs first thing, nothing overlaps
+    # cleared is the channel's no-op default here: the take was confirmed before begin
     assert (
-        channel.journaled_when_cleared
+        channel.durable_when_answered
         == journaled_at_begin
         == {
             first: set(),
@@ -790,34 +806,81 @@ def test_send_batch_task_runs_on_a_real_worker(app, db_session, celery_worker):
 def test_each_acceptance_is_journaled_before_the_next_call(
     factory, db_session, settings, clock, limiter, twilio_sink
 ):
+    """Each acceptance is handed to Redis before the next call goes out (its reply is
+    read while that call is out); once recorded in PostgreSQL, on the recorder's thread,
+    its entry is forgotten. At every moment each earlier acceptance is in one or the
+    other."""
     scenario = make_scenario(db_session, "sms", CHECKPOINT_EVERY + 10)
     client = redis.Redis.from_url(TEST_REDIS_URL)
     journal = AcceptanceJournal(client)
     key = journal_key(scenario.channel_id)
     ids = scenario.delivery_ids
-    seen: list[set[str]] = []
+    events: list[tuple[str, str | int]] = []
+    seen: list[tuple[set[str], set[str]]] = []
+    hand_over = limiter.hand_over
+
+    def noted_hand_over(entry) -> None:  # observed, not replaced
+        hand_over(entry)
+        events.append(("handed over", entry.field))
 
     def snapshot(calls: int) -> None:  # right after call `calls` came back
-        seen.append({f.decode() for f in client.hkeys(key)})
+        events.append(("answered", calls))
+        limiter.confirm()  # what the dispatcher does once the call is out
+        in_redis = {f.decode() for f in client.hkeys(key)}  # first: forgotten => recorded
+        with factory() as other:
+            in_postgresql = {
+                f"{i}:1"
+                for i in other.scalars(
+                    select(Delivery.id).where(
+                        Delivery.campaign_channel_id == scenario.channel_id,
+                        Delivery.status == "sent",
+                    )
+                )
+            }
+        seen.append((in_redis, in_postgresql))
 
+    limiter.hand_over = noted_hand_over
     channel = Hooked(channel_for("sms", twilio_sink.settings(settings)), snapshot)
     report = run(factory, scenario, settings, clock, limiter, channel, journal=journal)
     assert report.sent == len(ids)
-    for call, fields in enumerate(seen, start=1):
-        # Every earlier acceptance is in Redis by the time the next call is made. The
-        # checkpoint made during call 50 (after its snapshot) records and forgets calls
-        # 1-49; call 50 itself is journaled by the next take and recorded later.
-        recorded = max(0, (call - 1) // CHECKPOINT_EVERY * CHECKPOINT_EVERY - 1)
-        assert fields == {f"{i}:1" for i in ids[recorded : call - 1]}, call
+    assert events == [("answered", 1)] + [
+        event
+        for call in range(2, len(ids) + 1)
+        for event in (("handed over", f"{ids[call - 2]}:1"), ("answered", call))
+    ]
+    for call, (in_redis, in_postgresql) in enumerate(seen, start=1):
+        earlier = {f"{i}:1" for i in ids[: call - 1]}
+        assert earlier <= in_redis | in_postgresql, call
+        assert in_redis <= earlier, call
     assert client.exists(key) == 0  # all recorded in PostgreSQL, nothing left behind
     assert assert_counters_match(db_session, scenario) == len(ids)
 
 
-def _send_then_die(settings, scenario, sink_settings, die_at: int, clock_now) -> None:
-    """A worker process that dies abruptly (no finally, no checkpoint) right after its
-    `die_at`-th provider call came back accepted."""
-    import os
+class DiesOnceBegun(Channel):
+    """A real provider channel whose process dies the moment its `at`-th call is out:
+    the request written, the previous acceptance handed to Redis, its reply unread."""
 
+    def __init__(self, inner: Channel, at: int) -> None:
+        self.inner, self.at, self.calls = inner, at, 0
+        self.name, self.channel_type = inner.name, inner.channel_type
+
+    def send(self, message):
+        return self.inner.send(message)
+
+    def begin(self, message, cleared=lambda: None):
+        answer = self.inner.begin(message, cleared)
+        self.calls += 1
+        if self.calls == self.at:
+            os._exit(17)  # like SIGKILL: nothing after this line runs
+        return answer
+
+
+def _send_then_die(
+    settings, scenario, sink_settings, die_at: int, clock_now, once_begun: bool = False
+) -> None:
+    """A worker process that dies abruptly (no finally, no checkpoint) right after its
+    `die_at`-th provider call came back accepted (or, `once_begun`, as soon as that call
+    is out)."""
     from sqlalchemy.orm import sessionmaker
 
     from engine.db import make_engine
@@ -830,7 +893,8 @@ def _send_then_die(settings, scenario, sink_settings, die_at: int, clock_now) ->
         if calls == die_at:
             os._exit(17)  # like SIGKILL: nothing after this line runs
 
-    channel = Hooked(channel_for("sms", sink_settings), die)
+    inner = channel_for("sms", sink_settings)
+    channel = DiesOnceBegun(inner, die_at) if once_begun else Hooked(inner, die)
     send_batch(
         sessionmaker(engine),
         channel_id=scenario.channel_id,
@@ -845,24 +909,28 @@ def _send_then_die(settings, scenario, sink_settings, die_at: int, clock_now) ->
     os._exit(0)
 
 
+@pytest.mark.parametrize("once_begun", [False, True], ids=["answered", "begun"])
 def test_a_killed_worker_resends_only_the_call_in_flight(
-    factory, db_session, settings, clock, limiter, twilio_sink
+    factory, db_session, settings, clock, limiter, twilio_sink, once_begun
 ):
     """Killed mid-checkpoint, a worker has sent 30 messages but recorded none of them in
     PostgreSQL. Reconciliation records the 29 the journal holds as sent and re-queues
     the rest; the re-run resends only the 30th, whose acceptance never came back to us
-    in a form we kept, under the same idempotency key."""
+    in a form we kept, under the same idempotency key. Killed once the 30th call is out
+    ("begun"), the 29th acceptance was handed to Redis but its reply never read: it is
+    in the journal all the same."""
     import multiprocessing
 
     scenario = make_scenario(db_session, "sms", 40)
     channel_settings = twilio_sink.settings(settings)
     child = multiprocessing.get_context("fork").Process(
         target=_send_then_die,
-        args=(settings, scenario, channel_settings, 30, NOW),
+        args=(settings, scenario, channel_settings, 30, NOW, once_begun),
     )
     child.start()
     child.join(60)
     assert child.exitcode == 17
+    twilio_sink.wait_for(30)
     assert len(twilio_sink.accepted()) == 30
     assert {d.status for d in rows(db_session, scenario)} == {"sending"}
     assert assert_counters_match(db_session, scenario) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -185,10 +186,57 @@ def test_a_journal_entry_rides_on_the_take_granted_or_not(redis_client):
     assert redis_client.exists(journal_key(channel)) == 0
 
 
+def test_a_handed_over_entry_is_written_at_once_and_its_reply_read_later(redis_client):
+    """hand_over writes the entry without waiting; Redis applies it whether or not the
+    reply is ever read (another connection sees it). confirm reads the reply; so does
+    anything else the limiter sends next on its connection, first."""
+    limiter = RateLimiter(redis_client, FixedClock(START))
+    channel = uuid.uuid4()
+    key = journal_key(channel)
+    limiter.hand_over(acceptance(channel, 1, 1, "SM1"))
+    deadline = time.monotonic() + 5
+    while not redis_client.hexists(key, "1:1") and time.monotonic() < deadline:
+        time.sleep(0.001)  # applied by Redis on its own: no reply read yet
+    assert redis_client.hget(key, "1:1") == b"SM1"
+    limiter.confirm()
+    limiter.confirm()  # nothing due: nothing read
+    limiter.hand_over(acceptance(channel, 2, 1, "SM2"))
+    limiter.hand_over(acceptance(channel, 3, 1, None))  # reads 2's reply before writing
+    assert limiter.take([("provider:sms", 5.0)]) > 0  # reads 3's reply, then its own
+    assert redis_client.hgetall(key) == {b"1:1": b"SM1", b"2:1": b"SM2", b"3:1": b""}
+    assert 0 < redis_client.pttl(key) <= TTL_MS
+    limiter.close()
+
+
+def test_a_hand_over_that_redis_refused_is_written_again_on_confirm(redis_client):
+    """A Redis restart between two calls forgets the script (NOSCRIPT) or kills the
+    connection: the entry did not land, so confirm loads the script or reconnects and
+    writes it again, waiting this time."""
+    name = f"limiter-{uuid.uuid4().hex[:8]}"  # its connection's CLIENT SETNAME
+    named = redis.Redis.from_url(TEST_REDIS_URL, client_name=name)
+    limiter = RateLimiter(named, FixedClock(START))
+    channel = uuid.uuid4()
+    limiter.take([], journal=acceptance(channel, 1, 1, "SM1"))  # connected, script loaded
+    redis_client.script_flush()
+    limiter.hand_over(acceptance(channel, 2, 1, "SM2"))  # answered NOSCRIPT
+    limiter.confirm()
+    assert redis_client.hget(journal_key(channel), "2:1") == b"SM2"
+
+    (own,) = [c for c in redis_client.client_list() if c["name"] == name and c["cmd"] == "evalsha"]
+    assert redis_client.client_kill_filter(_id=own["id"]) == 1
+    limiter.hand_over(acceptance(channel, 3, 1, "SM3"))  # onto the dead socket, or refused
+    limiter.confirm()
+    assert redis_client.hget(journal_key(channel), "3:1") == b"SM3"
+    limiter.close()
+    named.close()
+
+
 def test_without_redis_journal_entries_are_not_kept():
     limiter = RateLimiter(None, FixedClock(START))
     assert not limiter.durable
     assert limiter.take([], journal=acceptance(uuid.uuid4(), 1, 1, "x")) == 0.0
+    limiter.hand_over(acceptance(uuid.uuid4(), 2, 1, "y"))
+    limiter.confirm()
 
 
 def test_a_forgotten_script_and_a_dropped_connection_are_recovered_once(redis_client):

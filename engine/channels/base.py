@@ -161,11 +161,11 @@ class Channel(ABC):
         before the channel's next call).
 
         `cleared` must be called, once, before the message itself is handed over (the
-        dispatcher's: journal the previous acceptance, a Redis round trip; it passes
-        one only when no rate limit applies, so it never waits). A protocol with round
-        trips of its own before the hand-over calls it while they are under way (SMTP:
-        while the relay answers MAIL, RCPT and DATA), so the two overlap. A call that
-        fails before the hand-over need not call it.
+        dispatcher's: write the previous acceptance to the Redis journal, whose reply
+        it reads once begin has returned; it passes one only when no rate limit
+        applies, so it never waits). A protocol with round trips of its own before the
+        hand-over may call it while they are under way (SMTP: while the relay answers
+        MAIL, RCPT and DATA). A call that fails before the hand-over need not call it.
 
         Between begin and the answer, the dispatcher prepares the next message, so a
         protocol that can write a request and read its answer later (SMTP: the relay's

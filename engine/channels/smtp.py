@@ -120,10 +120,10 @@ class SmtpChannel(Channel):
         """Everything up to the message's last byte; the returned function reads the
         relay's verdict on it (the reply that takes the relay's own latency).
 
-        With PIPELINING, `cleared` runs while the relay answers MAIL, RCPT and DATA:
-        the dispatcher's Redis round trip and the envelope's overlap. The message
-        itself goes only after it has returned. (The dispatcher passes it only when
-        it cannot wait for a rate token, so the relay is never held at its 354.)"""
+        With PIPELINING, `cleared` (the dispatcher's journal write) runs while the
+        relay answers MAIL, RCPT and DATA; the message itself goes only after it has
+        returned. (The dispatcher passes it only when it cannot wait for a rate token,
+        so the relay is never held at its 354.)"""
         delivery_id = message.delivery_id
         if message.wire is not None:
             sender, data = self._envelope_sender(message), message.wire

@@ -30,9 +30,12 @@ message is rendered and built between them, i.e. while the provider works on thi
 instead of between two calls. The next call still starts only after this one's answer
 is in the journal, so there is never more than one call in flight.
 
-Between checkpoints, each acceptance is written to the Redis acceptance journal in the
-same round trip that takes the next message's rate token (engine.dispatch.journal), so
-it is durable before the next provider call. In flight, i.e. called but not recorded
+Between checkpoints, each acceptance is written to the Redis acceptance journal before
+the next provider call (engine.dispatch.journal): in the round trip that takes the
+next message's rate token when a rate applies; with none, written to Redis's socket
+just before the call and its reply read while the call is out (RateLimiter.hand_over:
+written bytes outlive the process, so a kill cannot undo it, and the round trip is off
+the path between two calls). In flight, i.e. called but not recorded
 anywhere, is then at most the one call awaiting its answer per worker process (the
 whole batch for a provider that takes batches in one call, like `null`; a whole
 checkpoint without Redis). A worker killed mid-batch can therefore cause at most that
@@ -297,6 +300,14 @@ def _send(
             entry = None  # the denied take wrote it already
             sleep(wait_seconds(wait))
 
+    def hand_over_acceptance() -> None:
+        # No token to wait for: the previous acceptance is written to Redis before this
+        # call and its reply read once the call is out (RateLimiter.hand_over).
+        nonlocal unjournaled
+        entry, unjournaled = unjournaled, None
+        if entry is not None:
+            rate_limiter.hand_over(entry)
+
     def prepare(row: ClaimedRow) -> OutboundMessage | None:
         message = _message(compiled, row, contacts, settings)
         if isinstance(message, SendResult):  # nothing sendable: fails without a call
@@ -317,9 +328,11 @@ def _send(
                 if rate_limited:  # a wait for a token must not hold a provider mid-call
                     take_token()
                     answer = channel.begin(message)
-                else:  # the journal write alone: SMTP overlaps it with the envelope
-                    answer = channel.begin(message, take_token)
+                else:
+                    answer = channel.begin(message, hand_over_acceptance)
             try:
+                if answer is not None:
+                    rate_limiter.confirm()  # the hand-over's reply, while the call is out
                 if index + 1 < len(rows):
                     following = prepare(rows[index + 1])
                 else:
