@@ -9,17 +9,19 @@ the invariant: each channel's sent_count equals its deliveries with sent_at.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from engine.channels import Channel, channel_for
 from engine.channels.smtp import SmtpChannel
 from engine.clock import FixedClock
+from engine.dispatch.background_recording import RecordingFailed
 from engine.dispatch.journal import AcceptanceJournal, journal_key
 from engine.dispatch.reconciliation import reconcile
 from engine.dispatch.sending import CHECKPOINT_EVERY, LEASE_SECONDS, send_batch
@@ -303,44 +305,119 @@ def test_the_next_email_is_built_while_the_relay_answers_and_journaled_calls_sta
     assert assert_counters_match(db_session, scenario) == 3
 
 
-def test_the_checkpoint_is_written_while_the_chunks_last_call_is_with_the_relay(
+def test_a_checkpoint_holds_up_no_call_its_acceptances_are_recorded_while_sending_goes_on(
     factory, db_session, settings, clock, limiter, smtp_server
 ):
-    """The checkpoint costs the batch no time of its own: it records the chunk's first
-    49 answers while the 50th call waits for the relay; that one keeps its lease and
-    is recorded at the end, once."""
+    """The checkpoint costs the batch no time of its own: the campaign is re-checked
+    while the 50th call waits for the relay, and the first 49 acceptances (in the
+    journal already) are recorded on the recorder's thread while the next calls go
+    out. The 50th keeps its lease and is recorded at the next checkpoint, once."""
     scenario = make_scenario(db_session, "email", CHECKPOINT_EVERY + 2)
     ids = scenario.delivery_ids
     seen: dict[int, dict[str, int]] = {}
+
+    def statuses() -> dict[str, int]:
+        with factory() as other:
+            found = other.scalars(
+                select(Delivery.status).where(Delivery.campaign_channel_id == scenario.channel_id)
+            ).all()
+        return {s: found.count(s) for s in set(found)}
 
     class Watched(SmtpChannel):
         def begin(self, message, cleared=lambda: None):
             answer = super().begin(message, cleared)
 
-            def watched_answer():
-                with factory() as other:  # what PostgreSQL holds before the answer is read
-                    statuses = other.scalars(
-                        select(Delivery.status).where(
-                            Delivery.campaign_channel_id == scenario.channel_id
-                        )
-                    ).all()
-                seen[message.delivery_id] = {s: statuses.count(s) for s in set(statuses)}
+            def watched_answer():  # what PostgreSQL holds before the answer is read
+                seen[message.delivery_id] = now = statuses()
+                if message.delivery_id == ids[CHECKPOINT_EVERY]:  # call 51 is out
+                    deadline = time.monotonic() + 10
+                    while now.get("sent") != CHECKPOINT_EVERY - 1 and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                        now = statuses()
+                    seen[message.delivery_id] = now
                 return answer()
 
             return watched_answer
 
+    client = redis.Redis.from_url(TEST_REDIS_URL)
     with Watched(smtp_server.settings(settings)) as channel:
-        report = run(factory, scenario, settings, clock, limiter, channel)
+        report = run(
+            factory, scenario, settings, clock, limiter, channel, journal=AcceptanceJournal(client)
+        )
 
     assert seen[ids[CHECKPOINT_EVERY - 2]] == {"sending": CHECKPOINT_EVERY + 2}
-    assert seen[ids[CHECKPOINT_EVERY - 1]] == {
+    # Recorded by the thread while the batch went on (nothing else records before the
+    # next checkpoint, made during call 52).
+    assert seen[ids[CHECKPOINT_EVERY]] == {
         "sent": CHECKPOINT_EVERY - 1,
-        "sending": 3,  # the call in flight and the two still to send
+        "sending": 3,  # call 50, call 51 (out) and call 52 (to send)
     }
-    assert seen[ids[-1]] == {"sent": CHECKPOINT_EVERY + 1, "sending": 1}  # the final one
     assert report.sent == CHECKPOINT_EVERY + 2
     assert len(smtp_server.wait_for(CHECKPOINT_EVERY + 2)) == CHECKPOINT_EVERY + 2
+    assert client.exists(journal_key(scenario.channel_id)) == 0
     assert assert_counters_match(db_session, scenario) == CHECKPOINT_EVERY + 2
+
+
+def test_a_checkpoint_recording_that_fails_is_recorded_by_the_batchs_settle(
+    factory, db_session, settings, clock, limiter, smtp_server
+):
+    """The recorder's transaction dies (its backend terminated while it waits for a
+    lock on the channel's counter): its 49 outcomes are not lost. The next checkpoint
+    finds the failure, the batch stops, and its settle records them with the rest."""
+    scenario = make_scenario(db_session, "email", CHECKPOINT_EVERY + 2)
+    ids = scenario.delivery_ids
+    blocker = factory()  # holds the channel's counter row from call 49 to call 51
+    terminated: list[bool] = []
+
+    class Sabotaged(SmtpChannel):
+        def begin(self, message, cleared=lambda: None):
+            answer = super().begin(message, cleared)
+
+            def sabotaged_answer():
+                if message.delivery_id == ids[CHECKPOINT_EVERY - 2]:  # before checkpoint
+                    blocker.execute(
+                        select(CampaignChannel.id)
+                        .where(CampaignChannel.id == scenario.channel_id)
+                        .with_for_update()
+                    )
+                if message.delivery_id == ids[CHECKPOINT_EVERY]:  # call 51 is out
+                    terminated.append(_terminate_the_backend_waiting_for_a_lock(factory))
+                    blocker.rollback()
+                return answer()
+
+            return sabotaged_answer
+
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    with Sabotaged(smtp_server.settings(settings)) as channel, pytest.raises(RecordingFailed):
+        run(
+            factory, scenario, settings, clock, limiter, channel,
+            journal=AcceptanceJournal(client),
+        )  # fmt: skip
+    blocker.close()
+
+    assert terminated == [True]
+    assert len(smtp_server.wait_for(CHECKPOINT_EVERY + 2)) == CHECKPOINT_EVERY + 2
+    assert {d.status for d in rows(db_session, scenario)} == {"sent"}
+    assert client.exists(journal_key(scenario.channel_id)) == 0
+    assert assert_counters_match(db_session, scenario) == CHECKPOINT_EVERY + 2
+
+
+def _terminate_the_backend_waiting_for_a_lock(factory) -> bool:
+    """pg_terminate_backend on the one session of this database blocked on a lock."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with factory() as other:  # pg_stat_activity is a snapshot per transaction
+            pids = other.scalars(
+                text(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND query LIKE '%campaign_channels%'"
+                )
+            ).all()
+            if pids:
+                (pid,) = pids
+                return bool(other.scalar(text("SELECT pg_terminate_backend(:p)"), {"p": pid}))
+        time.sleep(0.01)
+    return False
 
 
 def test_a_message_that_cannot_be_built_fails_without_a_call_between_two_that_are_sent(

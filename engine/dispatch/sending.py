@@ -1,8 +1,8 @@
 """The sending step: one batch of a channel's deliveries, from queued to an outcome.
 
     claim ─commit─▶ render ▶ rate token ▶ provider call ─ … ─▶ checkpoint ─ … ─▶ done
-                                         (every 50th call: record, re-check status,
-                                          while that call is with the provider)
+                                         (every 50th call: re-check status while that
+                                          call is with the provider; record on a thread)
 
 Unlike the rest of the engine this function owns its transactions (it takes a
 sessionmaker), because a provider call must never happen inside an open transaction:
@@ -15,9 +15,12 @@ sessionmaker), because a provider call must never happen inside an open transact
   connection held for the seconds a batch takes, nothing blocking pause or cancel.
 - Outcomes are recorded (engine.dispatch.recording) in short transactions, one per
   checkpoint (during every CHECKPOINT_EVERY-th call, and at the end), each a handful
-  of set-based statements. A checkpoint is written while its chunk's last call waits
-  for the provider, so it adds no time of its own to a batch; that call is recorded by
-  the next checkpoint.
+  of set-based statements. A checkpoint's re-check of the campaign is made while its
+  chunk's last call waits for the provider, and its acceptances, already in the
+  journal, are recorded on a helper thread while the next calls go out
+  (engine.dispatch.background_recording; failures are recorded in line, since they
+  may pause the campaign), so it adds no time of its own to a batch. The call in
+  flight is recorded by the next checkpoint.
 
 Every write after the claim is a compare-and-set on (status = 'sending', our lease,
 the attempt number we claimed), so a row that reconciliation took back after our lease
@@ -75,6 +78,11 @@ from engine.campaigns.templates import TemplateRenderError
 from engine.channels import Channel, OutboundMessage, SendResult
 from engine.clock import Clock
 from engine.db import session_scope
+from engine.dispatch.background_recording import (
+    BackgroundRecorder,
+    RecordingFailed,
+    forget_journaled,
+)
 from engine.dispatch.journal import AcceptanceJournal, JournalEntry, acceptance
 from engine.dispatch.messages import build_message
 from engine.dispatch.recording import (
@@ -290,6 +298,11 @@ def _send(
     pending: list[tuple[ClaimedRow, SendResult]] = []  # answered, not yet recorded
     unjournaled: JournalEntry | None = None  # the last acceptance, not yet in Redis
     rate_limited = any(rate > 0 for _, rate in batch.buckets)  # may a take have to wait?
+    recorder = (
+        BackgroundRecorder(session_factory, batch, rng, journal)
+        if journal is not None and batch.dialect == "postgresql"
+        else None
+    )
 
     def take_token() -> None:
         # One round trip journals the previous call's acceptance and takes this call's
@@ -350,16 +363,25 @@ def _send(
         return rest
 
     def checkpoint(in_flight: ClaimedRow | None, rest: list[ClaimedRow]) -> list[ClaimedRow]:
-        """Record the answered calls and re-check the campaign, in one transaction,
-        while `in_flight` (the chunk's last call) is with the provider: a checkpoint
-        then costs the batch no time of its own. The call in flight is not recorded
-        yet; it keeps its lease like the rows still to send, and its answer is
-        journaled by the next take (or recorded by the final settle)."""
+        """Re-check the campaign (and the lease) while `in_flight`, the chunk's last
+        call, is with the provider, and record the answered calls: acceptances on the
+        recorder's thread, failures in line (they may pause the campaign, which this
+        very re-check then sees). The call in flight is not recorded yet; it keeps its
+        lease like the rows still to send, and its answer is journaled at the next
+        call (or recorded by the final settle)."""
         nonlocal pending, remaining
         recorded, lease = pending, batch.lease
+        in_line = recorder is None or any(res.outcome != "sent" for _, res in recorded)
+        try:
+            if recorder is not None:
+                recorder.wait()  # the previous chunk's, done long ago
+        except RecordingFailed as failed:  # the final settle tries them again
+            pending = failed.outcomes + pending
+            raise
         try:
             with session_scope(session_factory) as session:
-                record_outcomes(session, batch, recorded, clock.now(), rng)
+                if in_line:
+                    record_outcomes(session, batch, recorded, clock.now(), rng)
                 if rest:
                     rest = _checkpoint(session, batch, rest, in_flight, clock.now(), lease_seconds)
         except BaseException:
@@ -367,22 +389,11 @@ def _send(
             raise
         pending = []
         remaining = ([in_flight] if in_flight is not None else []) + rest
-        forget(recorded)
+        if in_line:
+            forget_journaled(journal, batch, recorded)
+        else:
+            recorder.submit(recorded, lease, clock.now())
         return rest
-
-    def forget(recorded: list[tuple[ClaimedRow, SendResult]]) -> None:
-        """Recorded in PostgreSQL: the journal entries have served their purpose."""
-        nonlocal unjournaled
-        unjournaled = None  # (it is one of `recorded`: a call in flight has no entry yet)
-        if journal is None:
-            return
-        try:
-            journal.forget(
-                batch.channel_id,
-                [(r.id, r.attempts) for r, res in recorded if res.outcome == "sent"],
-            )
-        except Exception:  # Redis down: a stale entry matches no later claim; it expires
-            log.warning("could not clear %d journal entries", len(recorded), exc_info=True)
 
     def journal_leftover() -> None:
         """The last acceptance, which no next take will carry, when PostgreSQL cannot
@@ -416,13 +427,20 @@ def _send(
         # Normal end (the last call's answer), or an exception (a provider bug, Redis or
         # PostgreSQL down, the soft time limit): record what the providers answered and
         # hand back what was never attempted.
+        if recorder is not None:
+            try:
+                recorder.wait()
+            except RecordingFailed as failed:  # recorded below with the rest, if it can be
+                log.warning("a checkpoint's recording failed", exc_info=True)
+                pending = failed.outcomes + pending
         if pending or remaining:
             try:
                 _settle(session_factory, batch, pending, remaining, clock.now(), rng)
             except BaseException:
                 journal_leftover()
                 raise
-            forget(pending)
+            unjournaled = None  # recorded: no next call will carry it
+            forget_journaled(journal, batch, pending)
 
 
 def _checkpoint(

@@ -1,0 +1,121 @@
+"""Recording a checkpoint's acceptances on a thread while the batch goes on sending.
+
+A checkpoint's recording statement (engine.dispatch.recording) takes a few
+milliseconds, longer than the one provider call it is written during; made in line it
+held up every 50th call. Acceptances need no hurry once the Redis journal holds them
+(a worker killed before they reach PostgreSQL loses nothing: reconciliation records
+them from the journal), so they are recorded here, in a transaction of their own on
+one helper thread, while the next calls go out. What must happen in line stays in
+line (engine.dispatch.sending): the re-check of the campaign and the lease, and the
+recording of failures, which may pause the campaign at that very checkpoint.
+
+At most one recording is under way per batch: the next one, and the batch's final
+settle, first wait for it. The thread is the process's, made on first use (after a
+worker's fork) and kept for the next batches: starting one cost a millisecond a batch.
+It works on a snapshot of the batch (its own counts, the lease the rows were claimed
+under), so nothing is shared with the send loop while it runs. A recording that fails
+(PostgreSQL down) gives its outcomes back to the batch, which records them with its
+final settle or leaves them to the journal. Only with the journal and PostgreSQL:
+without Redis nothing holds the acceptances meanwhile, and SQLite (the embedded
+default, one writer) records in line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from engine.channels import SendResult
+from engine.db import session_scope
+from engine.dispatch.journal import AcceptanceJournal
+from engine.dispatch.recording import BatchRun, ClaimedRow, record_outcomes
+
+log = logging.getLogger("herald.dispatch.background_recording")
+
+Outcomes = list[tuple[ClaimedRow, SendResult]]
+
+
+class BackgroundRecorder:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        batch: BatchRun,
+        rng: Callable[[], float],
+        journal: AcceptanceJournal | None,
+    ) -> None:
+        self._session_factory = session_factory
+        self._batch = batch
+        self._rng = rng
+        self._journal = journal
+        self._under_way: tuple[Future[dict[str, int]], Outcomes] | None = None
+
+    def submit(self, outcomes: Outcomes, lease: datetime, now: datetime) -> None:
+        """Record `outcomes` (rows claimed under `lease`) on the thread. Waits for the
+        previous recording first, and raises its failure (see wait)."""
+        self.wait()
+        snapshot = dataclasses.replace(self._batch, lease=lease, counts={})
+        future = _thread().submit(self._record, snapshot, outcomes, now)
+        self._under_way = (future, outcomes)
+
+    def wait(self) -> None:
+        """Wait for the recording under way. If it failed, its outcomes are not in
+        PostgreSQL: they are handed back by raising RecordingFailed."""
+        if self._under_way is None:
+            return
+        future, outcomes = self._under_way
+        self._under_way = None
+        try:
+            counts = future.result()
+        except Exception as exc:
+            raise RecordingFailed(outcomes) from exc
+        for status, n in counts.items():
+            self._batch.add(status, n)
+
+    def _record(self, snapshot: BatchRun, outcomes: Outcomes, now: datetime) -> dict[str, int]:
+        with session_scope(self._session_factory) as session:
+            record_outcomes(session, snapshot, outcomes, now, self._rng)
+        forget_journaled(self._journal, snapshot, outcomes)
+        return snapshot.counts
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_pid: int | None = None
+
+
+def _thread() -> ThreadPoolExecutor:
+    """This process's recording thread (a forked child makes its own: threads do not
+    survive fork)."""
+    global _executor, _executor_pid
+    if _executor is None or _executor_pid != os.getpid():
+        _executor = ThreadPoolExecutor(1, thread_name_prefix="herald-recording")
+        _executor_pid = os.getpid()
+    return _executor
+
+
+class RecordingFailed(Exception):
+    """A background recording did not commit; `outcomes` still need recording."""
+
+    def __init__(self, outcomes: Outcomes) -> None:
+        super().__init__(f"{len(outcomes)} outcome(s) not recorded")
+        self.outcomes = outcomes
+
+
+def forget_journaled(
+    journal: AcceptanceJournal | None, batch: BatchRun, recorded: Outcomes
+) -> None:
+    """Recorded in PostgreSQL: the journal entries have served their purpose."""
+    if journal is None:
+        return
+    try:
+        journal.forget(
+            batch.channel_id,
+            [(row.id, row.attempts) for row, result in recorded if result.outcome == "sent"],
+        )
+    except Exception:  # Redis down: a stale entry matches no later claim; it expires
+        log.warning("could not clear %d journal entries", len(recorded), exc_info=True)
