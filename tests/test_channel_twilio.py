@@ -138,6 +138,34 @@ def test_the_request_is_out_before_its_answer_is_read(channel, twilio_sink):
     assert result.provider_message_id == request.response["sid"]
 
 
+def test_the_request_is_built_ahead_so_the_call_is_one_write(channel, twilio_sink):
+    """prepare (run while the previous call is out) makes the request's bytes; begin
+    writes exactly those."""
+    prepared = channel.prepare(sms(delivery_id=4, body="Hi Ada"))
+    head, _, body = prepared.wire.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /2010-04-01/Accounts/")
+    assert b"\r\nI-Twilio-Idempotency-Token: d4" in head
+    assert f"Content-Length: {len(body)}".encode() in head
+    result = channel.begin(prepared)()
+    (request,) = twilio_sink.wait_for(1)
+    assert result.is_sent
+    assert request.form["Body"] == "Hi Ada"
+    assert request.basic_auth == (twilio_sink.account_sid, twilio_sink.auth_token)
+    assert request.header("Host") == f"127.0.0.1:{twilio_sink.port}"
+
+
+def test_a_space_in_the_request_target_is_refused_not_sent(twilio_sink, channel_settings):
+    # (urlsplit drops CR and LF from the configured URL; what is left must not split
+    # the request line either)
+    settings = twilio_sink.settings(channel_settings, twilio_account_sid="AC1\r\nX-Evil: 1")
+    with channel_for("sms", settings, **FAST_TIMEOUTS) as channel:
+        assert channel.prepare(sms()).wire is None  # begin says why
+        result = channel.send(sms())
+    assert result.outcome == "permanent"
+    assert result.error.startswith("could not build the request: a space or control")
+    assert twilio_sink.received() == []
+
+
 @pytest.fixture
 def connect_proxy():
     from tests.providers.connect_proxy import ConnectProxy

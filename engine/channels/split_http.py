@@ -7,6 +7,10 @@ request and returns what reads the response, and the dispatcher renders the next
 message in between, as it does for SMTP (Channel.begin). It is also several times
 cheaper in CPU per call than httpx, which is what a worker spends between two sends.
 
+A request is bytes made by `request_bytes` ahead of the call (Channel.prepare, while the
+previous call is out), so the call itself is one write; http.client opens the
+connection (TLS, proxy tunnel) and parses the response, but does not write requests.
+
 Deliberately small: one connection (a channel serves one worker thread), no HTTP/2, no
 redirects, no cookies. Like httpx's clients it honours HTTPS_PROXY / HTTP_PROXY /
 ALL_PROXY and NO_PROXY from the environment: through an http:// proxy, by a CONNECT
@@ -18,6 +22,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import re
 import select
 import ssl
 from collections.abc import Callable, Mapping
@@ -26,6 +31,9 @@ from email.message import Message
 from typing import Any
 from urllib.parse import unquote, urlsplit
 from urllib.request import getproxies, proxy_bypass
+
+# What http.client refuses in a request target (control characters and space).
+_NOT_IN_A_TARGET = re.compile("[\x00-\x20\x7f]")
 
 
 class TransportError(Exception):
@@ -88,32 +96,49 @@ class SplitHttpClient:
         self._port = parts.port or (443 if self._tls else 80)
         self._proxy = _proxy_for(parts.scheme, self._host)
         self._connect_timeout, self._read_timeout = connect_timeout, read_timeout
+        default_port = self._port == (443 if self._tls else 80)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self._host_header = host if default_port else f"{host}:{self._port}"
         self._headers = dict(headers or {})
         self._connection: _Plain | _Tls | None = None
 
-    def start(
+    def request_bytes(
         self, method: str, path: str, body: bytes, headers: Mapping[str, str]
-    ) -> Callable[[], Answer]:
-        """Write the request; the returned function reads its answer (call it once,
-        before the next start). Either raises TransportError, and the connection is
-        then dropped so the next request opens a fresh one."""
+    ) -> bytes:
+        """The whole request as written on the wire (what http.client would write:
+        Host, the client's headers, then these, and Content-Length)."""
+        if _NOT_IN_A_TARGET.search(path):  # as http.client refuses it: no smuggled request
+            raise ValueError(f"a space or control character in the request path {path!r}")
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self._host_header}"]
+        lines += [f"{name}: {value}" for name, value in {**self._headers, **headers}.items()]
+        lines.append(f"Content-Length: {len(body)}")
+        for line in lines[1:]:  # as http.client refuses them: no header smuggled in
+            if "\r" in line or "\n" in line or "\0" in line:
+                raise ValueError(f"a line break in the header {line[:40]!r}")
+        return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + body
+
+    def start(self, request: bytes, method: str = "POST") -> Callable[[], Answer]:
+        """Write the request (request_bytes); the returned function reads its answer
+        (call it once, before the next start). Either raises TransportError, and the
+        connection is then dropped so the next request opens a fresh one."""
         try:
             connection = self._connected()
         except OSError as exc:
             raise self._failed("connection failed", exc) from exc
         try:
-            connection.request(method, path, body, {**self._headers, **headers})
-        except (OSError, http.client.HTTPException) as exc:
+            connection.sock.sendall(request)
+        except OSError as exc:
             raise self._failed(_kind(exc), exc) from exc
 
         def answer() -> Answer:
             try:
-                response = connection.getresponse()
+                response = connection.response_class(connection.sock, method=method)
+                response.begin()
                 body = response.read()
             except (OSError, http.client.HTTPException) as exc:
                 raise self._failed(_kind(exc), exc) from exc
-            if response.will_close:  # http.client has closed its side already
-                self._connection = None
+            if response.will_close:  # the server ends the connection: so do we
+                self.close()
             return Answer(response.status, response.headers, body)
 
         return answer

@@ -5,12 +5,14 @@ delivery is reported later to StatusCallback (handled by the webhooks).
 
 The call is made in two halves (Channel.begin) on engine.channels.split_http: the
 request is written, the dispatcher renders the next message while Twilio works, then
-the answer is read.
+the answer is read. The request itself is built in prepare, i.e. while the previous
+call is out, so a call is one write.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import Callable
 from urllib.parse import urlencode, urlsplit
 
@@ -84,6 +86,18 @@ class TwilioChannel(Channel):
             form["MessagingServiceSid"] = self.messaging_service_sid
         return form
 
+    def request_bytes(self, message: OutboundMessage) -> bytes:
+        body = urlencode(self.form_for(message)).encode()
+        return self._client.request_bytes(
+            "POST", self._path, body, {IDEMPOTENCY_HEADER: message.idempotency_key}
+        )
+
+    def prepare(self, message: OutboundMessage) -> OutboundMessage:
+        try:
+            return dataclasses.replace(message, wire=self.request_bytes(message))
+        except (ValueError, UnicodeEncodeError):
+            return message  # begin() builds it again and says why it cannot
+
     def send(self, message: OutboundMessage) -> SendResult:
         return self.begin(message)()
 
@@ -91,12 +105,17 @@ class TwilioChannel(Channel):
         self, message: OutboundMessage, cleared: Callable[[], None] = lambda: None
     ) -> Callable[[], SendResult]:
         delivery_id = message.delivery_id
-        body = urlencode(self.form_for(message)).encode()
+        request = message.wire
+        if request is None:
+            try:
+                request = self.request_bytes(message)
+            except (ValueError, UnicodeEncodeError) as exc:
+                return answered(
+                    SendResult.permanent(delivery_id, f"could not build the request: {exc}")
+                )
         cleared()  # nothing of ours to overlap it with: the request is the hand-over
         try:
-            read = self._client.start(
-                "POST", self._path, body, {IDEMPOTENCY_HEADER: message.idempotency_key}
-            )
+            read = self._client.start(request)
         except TransportError as exc:
             return answered(_transport_failure(delivery_id, exc))
 
