@@ -402,6 +402,45 @@ def test_a_checkpoint_recording_that_fails_is_recorded_by_the_batchs_settle(
     assert assert_counters_match(db_session, scenario) == CHECKPOINT_EVERY + 2
 
 
+def test_a_checkpoint_re_check_survives_its_connection_dying_between_checkpoints(
+    factory, db_session, settings, clock, limiter, smtp_server
+):
+    """With nothing to write in line, a checkpoint re-checks the campaign on a
+    connection the batch keeps. Killed between two checkpoints (as a PostgreSQL restart
+    would), the next re-check falls back to a fresh pooled connection, and the batch
+    goes on."""
+    scenario = make_scenario(db_session, "email", 2 * CHECKPOINT_EVERY + 2)
+    ids = scenario.delivery_ids
+    killed: list[int] = []
+
+    class Watched(SmtpChannel):
+        def begin(self, message, cleared=lambda: None):
+            answer = super().begin(message, cleared)
+            if message.delivery_id == ids[CHECKPOINT_EVERY + 10]:  # between checkpoints
+                with factory() as other:
+                    killed.extend(
+                        other.scalars(
+                            text(
+                                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                " WHERE datname = current_database() AND state = 'idle'"
+                                " AND query LIKE 'SELECT campaigns.status%'"
+                            )
+                        ).all()
+                    )
+            return answer
+
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    with Watched(smtp_server.settings(settings)) as channel:
+        report = run(
+            factory, scenario, settings, clock, limiter, channel, journal=AcceptanceJournal(client)
+        )
+
+    assert killed == [True]  # the batch's re-check connection, and only it
+    assert (report.sent, report.stopped) == (len(ids), None)
+    assert len(smtp_server.wait_for(len(ids))) == len(ids)
+    assert assert_counters_match(db_session, scenario) == len(ids)
+
+
 def _terminate_the_backend_waiting_for_a_lock(factory) -> bool:
     """pg_terminate_backend on the one session of this database blocked on a lock."""
     deadline = time.monotonic() + 10

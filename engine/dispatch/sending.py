@@ -49,6 +49,7 @@ sent before it takes the rest of an expired lease back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -71,6 +72,8 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine.campaigns.rendering import CompiledChannel
@@ -312,6 +315,33 @@ def _send(
         if journal is not None and batch.dialect == "postgresql"
         else None
     )
+    status_connection: Connection | None = None  # see campaign_running
+
+    def campaign_running() -> bool | None:
+        """The checkpoint's re-check when it has nothing to write: one statement on an
+        autocommit connection the batch keeps (a pooled session's checkout ping, BEGIN
+        and COMMIT were three more round trips in the 50th call's wait). None when it
+        could not be read so (PostgreSQL restarted since): the full checkpoint, on a
+        fresh pooled connection, reads it instead."""
+        nonlocal status_connection
+        try:
+            if status_connection is None:
+                engine = session_factory.kw["bind"]
+                status_connection = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            status = status_connection.scalar(
+                select(Campaign.status).where(Campaign.id == batch.campaign_id)
+            )
+        except SQLAlchemyError:
+            close_status_connection()
+            return None
+        return status == "running"
+
+    def close_status_connection() -> None:
+        nonlocal status_connection
+        if status_connection is not None:
+            with contextlib.suppress(SQLAlchemyError):  # broken: nothing to give back
+                status_connection.close()
+            status_connection = None
 
     def take_token() -> None:
         # One round trip journals the previous call's acceptance and takes this call's
@@ -387,15 +417,22 @@ def _send(
         except RecordingFailed as failed:  # the final settle tries them again
             pending = failed.outcomes + pending
             raise
-        try:
-            with session_scope(session_factory) as session:
-                if in_line:
-                    record_outcomes(session, batch, recorded, clock.now(), rng)
-                if rest:
-                    rest = _checkpoint(session, batch, rest, in_flight, clock.now(), lease_seconds)
-        except BaseException:
-            batch.lease = lease  # rolled back: the rows still carry the old lease
-            raise
+        renewal_due = batch.lease - clock.now() < timedelta(seconds=lease_seconds / 2)
+        nothing_to_write = recorder is not None and not in_line and not renewal_due
+        if nothing_to_write and (not rest or campaign_running()):
+            pass  # running, and the acceptances go to the recorder: no transaction
+        else:
+            try:
+                with session_scope(session_factory) as session:
+                    if in_line:
+                        record_outcomes(session, batch, recorded, clock.now(), rng)
+                    if rest:
+                        rest = _checkpoint(
+                            session, batch, rest, in_flight, clock.now(), lease_seconds
+                        )
+            except BaseException:
+                batch.lease = lease  # rolled back: the rows still carry the old lease
+                raise
         pending = []
         remaining = ([in_flight] if in_flight is not None else []) + rest
         if in_line:
@@ -436,6 +473,7 @@ def _send(
         # Normal end (the last call's answer), or an exception (a provider bug, Redis or
         # PostgreSQL down, the soft time limit): record what the providers answered and
         # hand back what was never attempted.
+        close_status_connection()
         if recorder is not None:
             try:
                 recorder.wait()
