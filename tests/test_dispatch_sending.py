@@ -402,6 +402,49 @@ def test_a_checkpoint_recording_that_fails_is_recorded_by_the_batchs_settle(
     assert assert_counters_match(db_session, scenario) == CHECKPOINT_EVERY + 2
 
 
+def test_the_last_checkpoints_recording_failing_is_recorded_once_the_batch_ends(
+    factory, db_session, settings, clock, limiter, smtp_server
+):
+    """One chunk: its checkpoint's recording (calls 1-49) runs while the batch settles
+    call 50. Its backend terminated, it fails; the batch records those 49 itself after
+    its settle, and ends normally."""
+    scenario = make_scenario(db_session, "email", CHECKPOINT_EVERY)
+    ids = scenario.delivery_ids
+    blocker = factory()
+    terminated: list[bool] = []
+
+    class Sabotaged(SmtpChannel):
+        def begin(self, message, cleared=lambda: None):
+            answer = super().begin(message, cleared)
+
+            def sabotaged_answer():
+                if message.delivery_id == ids[-2]:  # before the checkpoint
+                    blocker.execute(
+                        select(CampaignChannel.id)
+                        .where(CampaignChannel.id == scenario.channel_id)
+                        .with_for_update()
+                    )
+                if message.delivery_id == ids[-1]:  # the recording waits for the lock
+                    terminated.append(_terminate_the_backend_waiting_for_a_lock(factory))
+                    blocker.rollback()
+                return answer()
+
+            return sabotaged_answer
+
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    with Sabotaged(smtp_server.settings(settings)) as channel:
+        report = run(
+            factory, scenario, settings, clock, limiter, channel, journal=AcceptanceJournal(client)
+        )
+    blocker.close()
+
+    assert terminated == [True]
+    assert (report.sent, report.stopped) == (CHECKPOINT_EVERY, None)
+    assert {d.status for d in rows(db_session, scenario)} == {"sent"}
+    assert client.exists(journal_key(scenario.channel_id)) == 0
+    assert assert_counters_match(db_session, scenario) == CHECKPOINT_EVERY
+
+
 def test_a_checkpoint_re_check_survives_its_connection_dying_between_checkpoints(
     factory, db_session, settings, clock, limiter, smtp_server
 ):

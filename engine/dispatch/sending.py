@@ -474,20 +474,24 @@ def _send(
         # PostgreSQL down, the soft time limit): record what the providers answered and
         # hand back what was never attempted.
         close_status_connection()
-        if recorder is not None:
-            try:
-                recorder.wait()
-            except RecordingFailed as failed:  # recorded below with the rest, if it can be
-                log.warning("a checkpoint's recording failed", exc_info=True)
-                pending = failed.outcomes + pending
-        if pending or remaining:
-            try:
-                _settle(session_factory, batch, pending, remaining, clock.now(), rng)
-            except BaseException:
-                journal_leftover()
-                raise
-            unjournaled = None  # recorded: no next call will carry it
-            forget_journaled(journal, batch, pending)
+        try:
+            if pending or remaining:
+                try:
+                    _settle(session_factory, batch, pending, remaining, clock.now(), rng)
+                except BaseException:
+                    journal_leftover()
+                    raise
+                unjournaled = None  # recorded: no next call will carry it
+                forget_journaled(journal, batch, pending)
+        finally:
+            # The last checkpoint's recording ran meanwhile (other rows): collect it.
+            if recorder is not None:
+                try:
+                    recorder.wait()
+                except RecordingFailed as failed:
+                    log.warning("a checkpoint's recording failed: recorded now", exc_info=True)
+                    _settle(session_factory, batch, failed.outcomes, [], clock.now(), rng)
+                    forget_journaled(journal, batch, failed.outcomes)
 
 
 def _checkpoint(
