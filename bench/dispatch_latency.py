@@ -200,24 +200,44 @@ class CpuMeter:
 
 @dataclass
 class SinkWorkers(Workers):
-    """bench.dispatch's worker processes, with providers pointed at the sinks."""
+    """bench.dispatch's worker processes, with providers pointed at the sinks.
+
+    `count` channel workers of `concurrency` pool processes each (the K connections)
+    serve the channel queues; one more worker, of one process, serves `default`
+    (planning, reconciliation) and `sync`, as the channel workers are deployed apart
+    in Herald's design. With every queue on the channel workers, each reconciliation
+    (every RECONCILE_TICK) took a sending process away between two batches."""
 
     env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
+        channels = [queue for queue in QUEUES if queue not in ("default", "sync")]
         for i in range(self.count):
-            self.procs.append(
-                subprocess.Popen(
-                    [
-                        CELERY, "-A", self.app_name, "worker",
-                        "-Q", ",".join(QUEUES), "--concurrency", str(self.concurrency),
-                        "--loglevel", "WARNING", "-P", "prefork", "--without-gossip",
-                        "--without-mingle", "-n", f"latency{i}-{uuid.uuid4().hex[:6]}@%h",
-                    ],
-                    cwd=ROOT, env=self.env, start_new_session=True,
-                    stdout=subprocess.DEVNULL,  # the banner; warnings go to stderr
-                )
-            )  # fmt: skip
+            self.procs.append(self._worker(f"latency{i}", channels, self.concurrency))
+        self.procs.append(self._worker("planner", ["default", "sync"], 1))
+
+    def _worker(self, name: str, queues: list[str], concurrency: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [
+                CELERY, "-A", self.app_name, "worker",
+                "-Q", ",".join(queues), "--concurrency", str(concurrency),
+                "--loglevel", "WARNING", "-P", "prefork", "--without-gossip",
+                "--without-mingle", "-n", f"{name}-{uuid.uuid4().hex[:6]}@%h",
+            ],
+            cwd=ROOT, env=self.env, start_new_session=True,
+            stdout=subprocess.DEVNULL,  # the banner; warnings go to stderr
+        )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        wanted = [self.concurrency] * self.count + [1]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(len(children(p.pid)) >= n for p, n in zip(self.procs, wanted, strict=True)):
+                return
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError("a worker exited during startup")
+            time.sleep(0.2)
+        raise RuntimeError("workers did not start in time")
 
     def pids(self) -> list[int]:
         found = []
@@ -800,7 +820,8 @@ def report(args, phases: list[Phase]) -> bool:
     print(
         f"Latency bench: {args.contacts:,} recipients per channel, sink latency "
         f"{args.latency_ms:g} ms asked, {k} connection(s) a side "
-        f"({args.workers} worker(s) x concurrency {args.concurrency}), "
+        f"({args.workers} channel worker(s) x concurrency {args.concurrency}, planning and "
+        f"reconciliation on one more process), "
         f"direct email built by {args.direct_build}, sent by {args.direct_smtp}, direct sms "
         f"by {args.direct_http}, provider rate "
         f"{args.provider_rate or 'unlimited'}, {os.cpu_count()} CPUs"
