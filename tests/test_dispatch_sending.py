@@ -238,6 +238,24 @@ class Traced(SmtpChannel):
         return traced_answer
 
 
+class BeforeAnswer(SmtpChannel):
+    """The real SMTP channel, running `hook(delivery_id)` when a call's answer is about
+    to be read: the call is out, the next message prepared, any checkpoint made."""
+
+    def __init__(self, settings, hook) -> None:
+        super().__init__(settings)
+        self.hook = hook
+
+    def begin(self, message, cleared=lambda: None):
+        answer = super().begin(message, cleared)
+
+        def hooked_answer():
+            self.hook(message.delivery_id)
+            return answer()
+
+        return hooked_answer
+
+
 # -- the happy path ----------------------------------------------------------------------
 
 
@@ -323,24 +341,17 @@ def test_a_checkpoint_holds_up_no_call_its_acceptances_are_recorded_while_sendin
             ).all()
         return {s: found.count(s) for s in set(found)}
 
-    class Watched(SmtpChannel):
-        def begin(self, message, cleared=lambda: None):
-            answer = super().begin(message, cleared)
-
-            def watched_answer():  # what PostgreSQL holds before the answer is read
-                seen[message.delivery_id] = now = statuses()
-                if message.delivery_id == ids[CHECKPOINT_EVERY]:  # call 51 is out
-                    deadline = time.monotonic() + 10
-                    while now.get("sent") != CHECKPOINT_EVERY - 1 and time.monotonic() < deadline:
-                        time.sleep(0.01)
-                        now = statuses()
-                    seen[message.delivery_id] = now
-                return answer()
-
-            return watched_answer
+    def watch(delivery_id: int) -> None:  # what PostgreSQL holds before the answer is read
+        seen[delivery_id] = now = statuses()
+        if delivery_id == ids[CHECKPOINT_EVERY]:  # call 51 is out
+            deadline = time.monotonic() + 10
+            while now.get("sent") != CHECKPOINT_EVERY - 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+                now = statuses()
+            seen[delivery_id] = now
 
     client = redis.Redis.from_url(TEST_REDIS_URL)
-    with Watched(smtp_server.settings(settings)) as channel:
+    with BeforeAnswer(smtp_server.settings(settings), watch) as channel:
         report = run(
             factory, scenario, settings, clock, limiter, channel, journal=AcceptanceJournal(client)
         )
@@ -369,26 +380,16 @@ def test_a_checkpoint_recording_that_fails_is_recorded_by_the_batchs_settle(
     blocker = factory()  # holds the channel's counter row from call 49 to call 51
     terminated: list[bool] = []
 
-    class Sabotaged(SmtpChannel):
-        def begin(self, message, cleared=lambda: None):
-            answer = super().begin(message, cleared)
-
-            def sabotaged_answer():
-                if message.delivery_id == ids[CHECKPOINT_EVERY - 2]:  # before checkpoint
-                    blocker.execute(
-                        select(CampaignChannel.id)
-                        .where(CampaignChannel.id == scenario.channel_id)
-                        .with_for_update()
-                    )
-                if message.delivery_id == ids[CHECKPOINT_EVERY]:  # call 51 is out
-                    terminated.append(_terminate_the_backend_waiting_for_a_lock(factory))
-                    blocker.rollback()
-                return answer()
-
-            return sabotaged_answer
+    def sabotage(delivery_id: int) -> None:
+        if delivery_id == ids[CHECKPOINT_EVERY - 2]:  # before the checkpoint
+            _lock_the_channel_counter(blocker, scenario)
+        if delivery_id == ids[CHECKPOINT_EVERY]:  # call 51 is out
+            terminated.append(_terminate_the_backend_waiting_for_a_lock(factory))
+            blocker.rollback()
 
     client = redis.Redis.from_url(TEST_REDIS_URL)
-    with Sabotaged(smtp_server.settings(settings)) as channel, pytest.raises(RecordingFailed):
+    channel = BeforeAnswer(smtp_server.settings(settings), sabotage)
+    with channel, pytest.raises(RecordingFailed):
         run(
             factory, scenario, settings, clock, limiter, channel,
             journal=AcceptanceJournal(client),
@@ -413,26 +414,15 @@ def test_the_last_checkpoints_recording_failing_is_recorded_once_the_batch_ends(
     blocker = factory()
     terminated: list[bool] = []
 
-    class Sabotaged(SmtpChannel):
-        def begin(self, message, cleared=lambda: None):
-            answer = super().begin(message, cleared)
-
-            def sabotaged_answer():
-                if message.delivery_id == ids[-2]:  # before the checkpoint
-                    blocker.execute(
-                        select(CampaignChannel.id)
-                        .where(CampaignChannel.id == scenario.channel_id)
-                        .with_for_update()
-                    )
-                if message.delivery_id == ids[-1]:  # the recording waits for the lock
-                    terminated.append(_terminate_the_backend_waiting_for_a_lock(factory))
-                    blocker.rollback()
-                return answer()
-
-            return sabotaged_answer
+    def sabotage(delivery_id: int) -> None:
+        if delivery_id == ids[-2]:  # before the checkpoint
+            _lock_the_channel_counter(blocker, scenario)
+        if delivery_id == ids[-1]:  # the recording waits for the lock
+            terminated.append(_terminate_the_backend_waiting_for_a_lock(factory))
+            blocker.rollback()
 
     client = redis.Redis.from_url(TEST_REDIS_URL)
-    with Sabotaged(smtp_server.settings(settings)) as channel:
+    with BeforeAnswer(smtp_server.settings(settings), sabotage) as channel:
         report = run(
             factory, scenario, settings, clock, limiter, channel, journal=AcceptanceJournal(client)
         )
@@ -482,6 +472,15 @@ def test_a_checkpoint_re_check_survives_its_connection_dying_between_checkpoints
     assert (report.sent, report.stopped) == (len(ids), None)
     assert len(smtp_server.wait_for(len(ids))) == len(ids)
     assert assert_counters_match(db_session, scenario) == len(ids)
+
+
+def _lock_the_channel_counter(session, scenario) -> None:
+    """Hold the channel's row (whose sent_count every recording bumps) until rollback."""
+    session.execute(
+        select(CampaignChannel.id)
+        .where(CampaignChannel.id == scenario.channel_id)
+        .with_for_update()
+    )
 
 
 def _terminate_the_backend_waiting_for_a_lock(factory) -> bool:
