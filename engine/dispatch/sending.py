@@ -417,7 +417,7 @@ def _send(
         except RecordingFailed as failed:  # the final settle tries them again
             pending = failed.outcomes + pending
             raise
-        renewal_due = batch.lease - clock.now() < timedelta(seconds=lease_seconds / 2)
+        renewal_due = _renewal_due(batch, clock.now(), lease_seconds)
         nothing_to_write = recorder is not None and not in_line and not renewal_due
         if nothing_to_write and (not rest or campaign_running()):
             pass  # running, and the acceptances go to the recorder: no transaction
@@ -505,10 +505,7 @@ def _checkpoint(
     """Between two chunks: keep the lease on the rows still to send (and on the call in
     flight, recorded at the next checkpoint), and stop (handing the rest back) if the
     campaign was paused or cancelled meanwhile. Returns the rows to go on with."""
-    # Renewing rewrites every remaining row (and its index entries: lease_expires_at is
-    # in a partial index, so no HOT update), so it is done only once half the lease is
-    # gone. Before that nobody can have taken the rows back: reclaiming waits for expiry.
-    if batch.lease - now < timedelta(seconds=lease_seconds / 2):
+    if _renewal_due(batch, now, lease_seconds):
         lease = now + timedelta(seconds=lease_seconds)
         keep = rest + ([in_flight] if in_flight is not None else [])
         still_ours = _renew(session, batch, keep, lease)
@@ -524,6 +521,13 @@ def _checkpoint(
     batch.stopped = f"campaign {status}"
     log.info("batch stopped: campaign %s is %s", batch.campaign_id, status)
     return []
+
+
+def _renewal_due(batch: BatchRun, now: datetime, lease_seconds: float) -> bool:
+    # Renewing rewrites every remaining row (and its index entries: lease_expires_at is
+    # in a partial index, so no HOT update), so it is done only once half the lease is
+    # gone. Before that nobody can have taken the rows back: reclaiming waits for expiry.
+    return batch.lease - now < timedelta(seconds=lease_seconds / 2)
 
 
 def _settle(
