@@ -23,7 +23,6 @@ default, one writer) records in line.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,9 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from engine.channels import SendResult
 from engine.db import session_scope
 from engine.dispatch.journal import AcceptanceJournal
-from engine.dispatch.recording import BatchRun, ClaimedRow, record_outcomes
-
-log = logging.getLogger("herald.dispatch.background_recording")
+from engine.dispatch.recording import BatchRun, ClaimedRow, forget_journaled, record_outcomes
 
 Outcomes = list[tuple[ClaimedRow, SendResult]]
 
@@ -104,18 +101,3 @@ class RecordingFailed(Exception):
     def __init__(self, outcomes: Outcomes) -> None:
         super().__init__(f"{len(outcomes)} outcome(s) not recorded")
         self.outcomes = outcomes
-
-
-def forget_journaled(
-    journal: AcceptanceJournal | None, batch: BatchRun, recorded: Outcomes
-) -> None:
-    """Recorded in PostgreSQL: the journal entries have served their purpose."""
-    if journal is None:
-        return
-    try:
-        journal.forget(
-            batch.channel_id,
-            [(row.id, row.attempts) for row, result in recorded if result.outcome == "sent"],
-        )
-    except Exception:  # Redis down: a stale entry matches no later claim; it expires
-        log.warning("could not clear %d journal entries", len(recorded), exc_info=True)

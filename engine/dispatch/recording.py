@@ -26,6 +26,7 @@ from engine.campaigns.rendering import CompiledChannel
 from engine.channels import SendResult
 from engine.db import insert_ignoring_conflicts
 from engine.dispatch.backoff import retry_delay
+from engine.dispatch.journal import AcceptanceJournal
 from engine.models import Campaign, CampaignChannel, Contact, Delivery, Suppression
 from engine.models.base import UTCDateTime
 from engine.services.suppressions import stored_address
@@ -389,3 +390,20 @@ def check_error_threshold(session: Session, batch: BatchRun) -> None:
     ).rowcount
     if paused:
         log.warning("campaign %s %s", batch.campaign_id, reason)
+
+
+def forget_journaled(
+    journal: AcceptanceJournal | None,
+    batch: BatchRun,
+    recorded: list[tuple[ClaimedRow, SendResult]],
+) -> None:
+    """Recorded in PostgreSQL: the journal entries have served their purpose."""
+    if journal is None:
+        return
+    try:
+        journal.forget(
+            batch.channel_id,
+            [(row.id, row.attempts) for row, result in recorded if result.outcome == "sent"],
+        )
+    except Exception:  # Redis down: a stale entry matches no later claim; it expires
+        log.warning("could not clear %d journal entries", len(recorded), exc_info=True)

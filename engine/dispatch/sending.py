@@ -81,17 +81,14 @@ from engine.campaigns.templates import TemplateRenderError
 from engine.channels import Channel, OutboundMessage, SendResult
 from engine.clock import Clock
 from engine.db import session_scope
-from engine.dispatch.background_recording import (
-    BackgroundRecorder,
-    RecordingFailed,
-    forget_journaled,
-)
+from engine.dispatch.background_recording import BackgroundRecorder, RecordingFailed
 from engine.dispatch.journal import AcceptanceJournal, JournalEntry, acceptance
 from engine.dispatch.messages import build_message
 from engine.dispatch.recording import (
     BatchReport,
     BatchRun,
     ClaimedRow,
+    forget_journaled,
     load_batch_run,
     record_outcomes,
 )
