@@ -162,8 +162,8 @@ class RateLimiter:
             try:
                 connection.send_command("EVALSHA", _TAKE_SHA, len(keys), *keys, *args)
             except (RedisConnectionError, RedisTimeoutError):
-                connection.disconnect()
-                self._round_trip(keys, args)  # reconnects; once more, waiting
+                connection.disconnect()  # once more, waiting, as any take would
+                self._retried(keys, args, self._round_trip)
                 return
             self._unconfirmed = (keys, args)
 

@@ -231,6 +231,21 @@ def test_a_hand_over_that_redis_refused_is_written_again_on_confirm(redis_client
     named.close()
 
 
+def test_a_hand_over_that_cannot_be_written_is_written_again_at_once(redis_client):
+    """The write itself fails (the limiter's socket is gone) after a Redis restart that
+    also forgot the script: the hand-over reconnects, loads the script and writes the
+    entry, waiting, before it returns."""
+    limiter = RateLimiter(redis_client, FixedClock(START))
+    channel = uuid.uuid4()
+    limiter.take([], journal=acceptance(channel, 1, 1, "SM1"))  # connected, script loaded
+    redis_client.script_flush()
+    limiter._connection._sock.close()  # as a restart would leave it, seen from our side
+    limiter.hand_over(acceptance(channel, 2, 1, "SM2"))
+    assert redis_client.hget(journal_key(channel), "2:1") == b"SM2"  # before any confirm
+    limiter.confirm()  # nothing left to read
+    limiter.close()
+
+
 def test_without_redis_journal_entries_are_not_kept():
     limiter = RateLimiter(None, FixedClock(START))
     assert not limiter.durable
