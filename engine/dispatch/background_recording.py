@@ -10,10 +10,10 @@ line (engine.dispatch.sending): the re-check of the campaign and the lease, and 
 recording of failures, which may pause the campaign at that very checkpoint.
 
 At most one recording is under way per batch: the next one, and the batch's final
-settle, first wait for it. The thread is the process's, made on first use (after a
-worker's fork) and kept for the next batches: starting one cost a millisecond a batch.
-It works on a snapshot of the batch (its own counts, the lease the rows were claimed
-under), so nothing is shared with the send loop while it runs. A recording that fails
+settle, first wait for it. It runs on the process's helper thread
+(engine.dispatch.helper_thread) and works on a snapshot of the batch (its own counts,
+the lease the rows were claimed under), so nothing is shared with the send loop while
+it runs. A recording that fails
 (PostgreSQL down) gives its outcomes back to the batch, which records them with its
 final settle or leaves them to the journal. Only with the journal and PostgreSQL:
 without Redis nothing holds the acceptances meanwhile, and SQLite (the embedded
@@ -23,15 +23,15 @@ default, one writer) records in line.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from engine.channels import SendResult
 from engine.db import session_scope
+from engine.dispatch.helper_thread import helper_thread
 from engine.dispatch.journal import AcceptanceJournal
 from engine.dispatch.recording import BatchRun, ClaimedRow, forget_journaled, record_outcomes
 
@@ -57,7 +57,7 @@ class BackgroundRecorder:
         previous recording first, and raises its failure (see wait)."""
         self.wait()
         snapshot = dataclasses.replace(self._batch, lease=lease, counts={})
-        future = _thread().submit(self._record, snapshot, outcomes, now)
+        future = helper_thread().submit(self._record, snapshot, outcomes, now)
         self._under_way = (future, outcomes)
 
     def wait(self) -> None:
@@ -79,20 +79,6 @@ class BackgroundRecorder:
             record_outcomes(session, snapshot, outcomes, now, self._rng)
         forget_journaled(self._journal, snapshot, outcomes)
         return snapshot.counts
-
-
-_executor: ThreadPoolExecutor | None = None
-_executor_pid: int | None = None
-
-
-def _thread() -> ThreadPoolExecutor:
-    """This process's recording thread (a forked child makes its own: threads do not
-    survive fork)."""
-    global _executor, _executor_pid
-    if _executor is None or _executor_pid != os.getpid():
-        _executor = ThreadPoolExecutor(1, thread_name_prefix="herald-recording")
-        _executor_pid = os.getpid()
-    return _executor
 
 
 class RecordingFailed(Exception):
