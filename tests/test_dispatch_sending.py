@@ -9,8 +9,10 @@ the invariant: each channel's sent_count equals its deliveries with sent_at.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -22,6 +24,7 @@ from engine.channels import Channel, channel_for
 from engine.channels.smtp import SmtpChannel
 from engine.clock import FixedClock
 from engine.dispatch.background_recording import RecordingFailed
+from engine.dispatch.helper_thread import helper_thread
 from engine.dispatch.journal import AcceptanceJournal, journal_key
 from engine.dispatch.reconciliation import reconcile
 from engine.dispatch.sending import CHECKPOINT_EVERY, LEASE_SECONDS, send_batch
@@ -483,16 +486,18 @@ def _lock_the_channel_counter(session, scenario) -> None:
     )
 
 
-def _terminate_the_backend_waiting_for_a_lock(factory) -> bool:
-    """pg_terminate_backend on the one session of this database blocked on a lock."""
+def _terminate_the_backend_waiting_for_a_lock(factory, on: str = "campaign_channels") -> bool:
+    """pg_terminate_backend on the one session of this database blocked on a lock, in
+    a statement that names the table `on`."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with factory() as other:  # pg_stat_activity is a snapshot per transaction
             pids = other.scalars(
                 text(
                     "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock' AND query LIKE '%campaign_channels%'"
-                )
+                    " AND wait_event_type = 'Lock' AND query LIKE :named"
+                ),
+                {"named": f"%{on}%"},
             ).all()
             if pids:
                 (pid,) = pids
@@ -625,6 +630,155 @@ def test_contact_suppressed_since_planning_is_not_sent(
         "c2@example.com",
     ]
     assert assert_counters_match(db_session, scenario) == 2
+
+
+# -- claiming the rest of a batch ahead ----------------------------------------------------
+
+
+@contextmanager
+def helper_thread_held():
+    """Keep the worker's helper thread busy until the yielded function is called: what
+    a batch submits to it meanwhile (the rest's claim, a recording) waits its turn."""
+    release, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        release.wait(30)
+
+    held = helper_thread().submit(hold)
+    assert holding.wait(5)
+    try:
+        yield release.set
+    finally:
+        release.set()
+        held.result()
+
+
+def statuses_of(factory, scenario) -> dict[str, int]:
+    with factory() as other:
+        found = other.scalars(
+            select(Delivery.status).where(Delivery.campaign_channel_id == scenario.channel_id)
+        ).all()
+    return {s: found.count(s) for s in set(found)}
+
+
+def test_the_rest_of_a_batch_is_claimed_while_its_first_chunk_goes_out(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    """Only the first chunk is claimed before the first call; the rest is claimed on
+    the helper thread meanwhile and sent after the first checkpoint, each row once."""
+    scenario = make_scenario(db_session, "sms", 3 * CHECKPOINT_EVERY - 30)
+    seen: dict[int, dict[str, int]] = {}
+    with helper_thread_held() as release:
+
+        def look(calls: int) -> None:
+            if calls in (1, CHECKPOINT_EVERY + 1):
+                seen[calls] = statuses_of(factory, scenario)
+            if calls == 5:
+                release()
+
+        channel = Hooked(channel_for("sms", twilio_sink.settings(settings)), look)
+        report = run(
+            factory, scenario, settings, clock, limiter, channel,
+            journal=AcceptanceJournal(redis.Redis.from_url(TEST_REDIS_URL)),
+        )  # fmt: skip
+
+    total = len(scenario.delivery_ids)
+    assert seen[1] == {"sending": CHECKPOINT_EVERY, "queued": total - CHECKPOINT_EVERY}
+    assert "queued" not in seen[CHECKPOINT_EVERY + 1]
+    assert (report.claimed, report.sent, report.stopped) == (total, total, None)
+    recipients = [r.form["To"] for r in twilio_sink.accepted()]
+    assert len(recipients) == len(set(recipients)) == total
+    assert {d.attempts for d in rows(db_session, scenario)} == {1}
+    assert assert_counters_match(db_session, scenario) == total
+
+
+def test_the_rest_claimed_ahead_is_suppressed_and_sent_when_the_whole_first_chunk_is_not(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    """Every row of the first chunk suppressed since planning: no call to overlap the
+    rest's claim with, which is then waited for; the rest is still sent."""
+    scenario = make_scenario(db_session, "sms", CHECKPOINT_EVERY + 5)
+    for contact in scenario.contacts[: CHECKPOINT_EVERY + 1]:  # one of the rest too
+        db_session.add(
+            Suppression(
+                user_id=scenario.user_id, channel="sms", address=contact.phone, reason="manual"
+            )
+        )
+    db_session.commit()
+    report = run(
+        factory, scenario, settings, clock, limiter,
+        channel_for("sms", twilio_sink.settings(settings)),
+        journal=AcceptanceJournal(redis.Redis.from_url(TEST_REDIS_URL)),
+    )  # fmt: skip
+    assert (report.claimed, report.suppressed, report.sent) == (CHECKPOINT_EVERY + 5, 51, 4)
+    assert [d.status for d in rows(db_session, scenario)] == ["suppressed"] * 51 + ["sent"] * 4
+    assert len(twilio_sink.accepted()) == 4
+    assert assert_counters_match(db_session, scenario) == 4
+
+
+def test_a_batch_that_breaks_before_its_rest_is_collected_hands_the_rest_back(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    """A provider bug ends the batch in its first chunk while the rest's claim is still
+    under way: the batch waits for that claim and hands those rows back, unattempted,
+    with the first chunk's unsent rows."""
+    scenario = make_scenario(db_session, "sms", 2 * CHECKPOINT_EVERY)
+    with helper_thread_held() as release:
+
+        def breaks(calls: int) -> None:
+            if calls == 10:
+                release()
+                raise RuntimeError("provider client bug")
+
+        channel = Hooked(channel_for("sms", twilio_sink.settings(settings)), breaks)
+        with pytest.raises(RuntimeError, match="provider client bug"):
+            run(
+                factory, scenario, settings, clock, limiter, channel,
+                journal=AcceptanceJournal(redis.Redis.from_url(TEST_REDIS_URL)),
+            )  # fmt: skip
+
+    after = rows(db_session, scenario)
+    assert [d.status for d in after] == ["sent"] * 9 + ["queued"] * (2 * CHECKPOINT_EVERY - 9)
+    assert {(d.attempts, d.lease_expires_at) for d in after[9:]} == {(0, None)}
+    assert assert_counters_match(db_session, scenario) == 9
+
+
+def test_a_rest_claim_that_fails_leaves_its_rows_queued_for_another_batch(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    """The rest's claim dies (its backend terminated while it waits to read the
+    contacts): it committed nothing, so those rows are still queued, untouched. The
+    batch sends its first chunk and ends; a second batch over the range sends the rest,
+    each row once."""
+    scenario = make_scenario(db_session, "sms", 2 * CHECKPOINT_EVERY)
+    blocker = factory()
+    terminated: list[bool] = []
+    with helper_thread_held() as release:
+
+        def sabotage(calls: int) -> None:
+            if calls == 1:
+                blocker.execute(text("LOCK TABLE contacts IN ACCESS EXCLUSIVE MODE"))
+                release()
+                terminated.append(_terminate_the_backend_waiting_for_a_lock(factory, "contacts"))
+                blocker.rollback()
+
+        channel = Hooked(channel_for("sms", twilio_sink.settings(settings)), sabotage)
+        journal = AcceptanceJournal(redis.Redis.from_url(TEST_REDIS_URL))
+        first = run(factory, scenario, settings, clock, limiter, channel, journal=journal)
+    blocker.close()
+
+    assert terminated == [True]
+    assert (first.claimed, first.sent, first.stopped) == (CHECKPOINT_EVERY, CHECKPOINT_EVERY, None)
+    after = rows(db_session, scenario)
+    assert [d.status for d in after] == ["sent"] * CHECKPOINT_EVERY + ["queued"] * CHECKPOINT_EVERY
+    assert {(d.attempts, d.lease_expires_at) for d in after[CHECKPOINT_EVERY:]} == {(0, None)}
+
+    second = run(factory, scenario, settings, clock, limiter, channel, journal=journal)
+    assert (second.claimed, second.sent) == (CHECKPOINT_EVERY, CHECKPOINT_EVERY)
+    recipients = [r.form["To"] for r in twilio_sink.accepted()]
+    assert len(recipients) == len(set(recipients)) == 2 * CHECKPOINT_EVERY
+    assert assert_counters_match(db_session, scenario) == 2 * CHECKPOINT_EVERY
 
 
 # -- failures ----------------------------------------------------------------------------
@@ -767,10 +921,16 @@ def test_failures_under_the_threshold_keep_running(
 # -- pause, resume, leases ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("journaled", [False, True], ids=["claimed-at-once", "claimed-ahead"])
 def test_pause_mid_batch_hands_back_the_rest_and_resume_sends_each_once(
-    factory, db_session, settings, clock, limiter, twilio_sink
+    factory, db_session, settings, clock, limiter, twilio_sink, journaled
 ):
+    """With the journal the rest of the batch is claimed while the first chunk goes
+    out (engine.dispatch.claiming): the pause is seen, and the rest handed back, at
+    the same checkpoint as when the whole batch is claimed at once."""
     scenario = make_scenario(db_session, "sms", 120)
+    journal = {"journal": AcceptanceJournal(redis.Redis.from_url(TEST_REDIS_URL))}
+    extra = journal if journaled else {}
 
     def pause_after_30(calls: int) -> None:
         if calls == 30:
@@ -783,20 +943,22 @@ def test_pause_mid_batch_hands_back_the_rest_and_resume_sends_each_once(
                 other.commit()
 
     channel = Hooked(channel_for("sms", twilio_sink.settings(settings)), pause_after_30)
-    report = run(factory, scenario, settings, clock, limiter, channel)
+    report = run(factory, scenario, settings, clock, limiter, channel, **extra)
     # The pause is noticed at the next checkpoint: the first chunk is sent and recorded.
     assert (report.sent, report.handed_back) == (CHECKPOINT_EVERY, 120 - CHECKPOINT_EVERY)
     assert report.stopped == "campaign paused"
     after_pause = rows(db_session, scenario)
     assert [d.status for d in after_pause] == ["sent"] * 50 + ["queued"] * 70
-    assert {(d.attempts, d.lease_expires_at) for d in after_pause[50:]} == {(0, None)}
+    assert {(d.attempts, d.lease_expires_at, d.dispatched_at) for d in after_pause[50:]} == {
+        (0, None, None)
+    }
     assert assert_counters_match(db_session, scenario) == 50
 
     db_session.execute(
         update(Campaign).where(Campaign.id == scenario.campaign_id).values(status="running")
     )
     db_session.commit()
-    report = run(factory, scenario, settings, clock, limiter, channel)
+    report = run(factory, scenario, settings, clock, limiter, channel, **extra)
     assert (report.claimed, report.sent) == (70, 70)
     recipients = [r.form["To"] for r in twilio_sink.accepted()]
     assert len(recipients) == len(set(recipients)) == 120

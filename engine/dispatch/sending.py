@@ -1,18 +1,20 @@
 """The sending step: one batch of a channel's deliveries, from queued to an outcome.
 
     claim ─commit─▶ render ▶ rate token ▶ provider call ─ … ─▶ checkpoint ─ … ─▶ done
-                                         (every 50th call: re-check status while that
-                                          call is with the provider; record on a thread)
+    (the first chunk;                    (every 50th call: re-check status while that
+     the rest on a thread)                call is with the provider; record on a thread)
 
 Unlike the rest of the engine this function owns its transactions (it takes a
 sessionmaker), because a provider call must never happen inside an open transaction:
 
-- The claim (queued → sending with a lease) is committed BEFORE the first provider
-  call. It is the durable mark "these may have been sent": if the worker dies, the rows
-  stay in 'sending' until the lease runs out and reconciliation hands them to another
-  worker, instead of rolling back to 'queued' and being resent at once by anyone. It
-  also keeps provider latency out of the database: no row locks, no idle-in-transaction
-  connection held for the seconds a batch takes, nothing blocking pause or cancel.
+- The claim (queued → sending with a lease, engine.dispatch.claiming) is committed
+  BEFORE the first provider call to any row it claims (the first chunk's in line, the
+  rest's on the helper thread while the first chunk goes out). It is the durable mark
+  "these may have been sent": if the worker dies, the rows stay in 'sending' until the
+  lease runs out and reconciliation hands them to another worker, instead of rolling
+  back to 'queued' and being resent at once by anyone. It also keeps provider latency
+  out of the database: no row locks, no idle-in-transaction connection held for the
+  seconds a batch takes, nothing blocking pause or cancel.
 - Outcomes are recorded (engine.dispatch.recording) in short transactions, one per
   checkpoint (during every CHECKPOINT_EVERY-th call, and at the end), each a handful
   of set-based statements. A checkpoint's re-check of the campaign is made while its
@@ -54,22 +56,12 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
-    ARRAY,
-    Uuid,
-    and_,
-    any_,
-    bindparam,
-    exists,
-    func,
-    or_,
     select,
-    text,
-    tuple_,
     update,
 )
 from sqlalchemy.engine import Connection
@@ -82,6 +74,7 @@ from engine.channels import Channel, OutboundMessage, SendResult
 from engine.clock import Clock
 from engine.db import session_scope
 from engine.dispatch.background_recording import BackgroundRecorder, RecordingFailed
+from engine.dispatch.claiming import Claim, ClaimAhead, claim, ours
 from engine.dispatch.journal import AcceptanceJournal, JournalEntry, acceptance
 from engine.dispatch.messages import build_message
 from engine.dispatch.recording import (
@@ -92,7 +85,7 @@ from engine.dispatch.recording import (
     load_batch_run,
     record_outcomes,
 )
-from engine.models import Campaign, Contact, Delivery, Suppression
+from engine.models import Campaign, Delivery
 from engine.ratelimit import RateLimiter, wait_seconds
 from engine.settings import Settings
 from engine.tracking.tokens import push_data
@@ -140,6 +133,14 @@ def send_batch(
         if report is not None:
             return report
     now = clock.now()
+    journal = journal if rate_limiter.durable else None
+    # The rest of the batch is claimed on the helper thread while the first chunk is
+    # sent, where that thread records too (see _send): PostgreSQL and the journal.
+    in_two_steps = (
+        journal is not None
+        and not channel.accepts_batch
+        and session_factory.kw["bind"].dialect.name == "postgresql"
+    )
     with session_scope(session_factory) as session:
         loaded = load_batch_run(
             session, channel_id, settings, now + timedelta(seconds=lease_seconds)
@@ -147,20 +148,19 @@ def send_batch(
         if loaded is None:
             return BatchReport(stopped="not running")
         batch, compiled = loaded
-        claimed = _claim(session, batch, first_id, last_id, now)
-        suppressed = _suppress(session, batch, claimed)
-        claimed = [row for row in claimed if row.id not in suppressed]
-        contacts = _contacts(
-            session, batch, compiled, [row.contact_id for row in claimed if row.contact_id]
-        )
+        first = claim(
+            session, batch, compiled, first_id, last_id, now,
+            limit=CHECKPOINT_EVERY if in_two_steps else None,
+        )  # fmt: skip
     # Committed: the claim is durable before any provider hears of these rows.
-    batch.add("claimed", len(claimed) + len(suppressed))
-    batch.add("suppressed", len(suppressed))
-    if claimed:
+    first.count_into(batch)
+    rest = None
+    if first.full and first.last_id is not None:  # more rows may remain: claim them now
+        rest = ClaimAhead(session_factory, batch, compiled, first.last_id, last_id, now)
+    if first.rows or rest is not None:
         _send(
-            session_factory, batch, compiled, claimed, contacts, settings, clock,
-            rate_limiter, channel, lease_seconds, sleep, rng,
-            journal if rate_limiter.durable else None,
+            session_factory, batch, compiled, first, rest, settings, clock,
+            rate_limiter, channel, lease_seconds, sleep, rng, journal,
         )  # fmt: skip
     c = batch.counts
     return BatchReport(
@@ -174,117 +174,6 @@ def send_batch(
     )
 
 
-# -- claiming ----------------------------------------------------------------------------
-
-
-def _claim(
-    session: Session, batch: BatchRun, first_id: int, last_id: int, now: datetime
-) -> list[ClaimedRow]:
-    # The hot claim. SKIP LOCKED lets two workers handed overlapping ranges (a batch
-    # re-dispatched by reconciliation while the first copy still runs) split the rows
-    # instead of queueing behind each other; status = 'queued' makes a redelivered task
-    # claim nothing; the EXISTS re-checks the campaign in the same statement, so a
-    # campaign paused or cancelled since the batch was enqueued claims nothing.
-    # attempts counts claims: the CAS token of every later write, and the retry budget.
-    # SQLite (embedded, one worker) has no FOR UPDATE; SQLAlchemy leaves it out there.
-    running = exists().where(Campaign.id == batch.campaign_id, Campaign.status == "running")
-    due = (
-        select(Delivery.id)
-        .where(
-            Delivery.campaign_channel_id == batch.channel_id,
-            Delivery.id.between(first_id, last_id),
-            Delivery.status == "queued",
-            or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
-            running,
-        )
-        .with_for_update(skip_locked=True)
-    )
-    rows = session.execute(
-        update(deliveries)
-        .where(deliveries.c.id.in_(due.scalar_subquery()))
-        .values(
-            status="sending",
-            lease_expires_at=batch.lease,
-            attempts=deliveries.c.attempts + 1,
-        )
-        .returning(
-            deliveries.c.id, deliveries.c.contact_id, deliveries.c.address, deliveries.c.attempts
-        )
-    ).all()
-    return sorted((ClaimedRow(*row) for row in rows), key=lambda row: row.id)
-
-
-def _suppress(session: Session, batch: BatchRun, claimed: list[ClaimedRow]) -> set[int]:
-    """Rows whose address was suppressed since planning: suppressed, never attempted."""
-    if not claimed:
-        return set()
-    if batch.channel_type == "email":  # email suppressions match whatever the case
-        same_address = func.lower(Suppression.address) == func.lower(deliveries.c.address)
-    else:
-        same_address = Suppression.address == deliveries.c.address
-    suppressed = exists().where(
-        Suppression.user_id == batch.user_id,
-        Suppression.channel == batch.channel_type,
-        same_address,
-    )
-    rows = session.execute(
-        update(deliveries)
-        .where(_ours(batch, claimed), suppressed)
-        .values(status="suppressed", lease_expires_at=None, attempts=deliveries.c.attempts - 1)
-        .returning(deliveries.c.id)
-    ).all()
-    return {row.id for row in rows}
-
-
-# A batch names its rows (up to 500) in every statement. On PostgreSQL they travel as
-# arrays: an IN list would be expanded by SQLAlchemy into one parameter per value and
-# re-parsed by psycopg each time (a new statement text for every batch size), which
-# cost more client CPU than the statements' work. SQLite has no arrays; it keeps IN.
-_OURS_ARRAYS = text(
-    "(deliveries.id, deliveries.attempts) IN "
-    "(SELECT * FROM unnest(CAST(:ours_ids AS bigint[]), CAST(:ours_attempts AS integer[])))"
-)
-
-
-def _contacts(
-    session: Session, batch: BatchRun, compiled: CompiledChannel, contact_ids: list[uuid.UUID]
-) -> dict[uuid.UUID, Any]:
-    if not contact_ids:
-        return {}
-    # Only the columns the templates read (as batch_sending does): decoding the rest,
-    # JSON attributes and timestamps above all, was most of this query's cost.
-    wanted_columns = set(compiled.contact_columns) | {"id"}
-    if batch.channel_type == "push":
-        wanted_columns.add("push_tokens")  # build_message fans a push out to the tokens
-    table = Contact.__table__
-    if batch.dialect == "postgresql":
-        wanted = Contact.id == any_(bindparam("ids", contact_ids, type_=ARRAY(Uuid)))
-    else:
-        wanted = Contact.id.in_(contact_ids)
-    # Through the connection, not the Session: plain rows, without the ORM's loading
-    # machinery (which cost more than the query, 500 contacts a batch).
-    columns = [table.c[name] for name in sorted(wanted_columns)]
-    rows = session.connection().execute(select(*columns).where(wanted))
-    return {row.id: row for row in rows}
-
-
-def _ours(batch: BatchRun, rows: Sequence[ClaimedRow]):
-    """The compare-and-set that makes a write touch only rows this call still owns."""
-    if batch.dialect == "postgresql":
-        named = _OURS_ARRAYS.bindparams(
-            ours_ids=[r.id for r in rows], ours_attempts=[r.attempts for r in rows]
-        )
-    else:
-        named = tuple_(deliveries.c.id, deliveries.c.attempts).in_(
-            [(r.id, r.attempts) for r in rows]
-        )
-    return and_(
-        named,
-        deliveries.c.status == "sending",
-        deliveries.c.lease_expires_at == batch.lease,
-    )
-
-
 # -- sending -----------------------------------------------------------------------------
 
 
@@ -292,8 +181,8 @@ def _send(
     session_factory: sessionmaker[Session],
     batch: BatchRun,
     compiled: CompiledChannel,
-    claimed: list[ClaimedRow],
-    contacts: dict[uuid.UUID, Any],
+    first: Claim,
+    ahead: ClaimAhead | None,
     settings: Settings,
     clock: Clock,
     rate_limiter: RateLimiter,
@@ -303,7 +192,8 @@ def _send(
     rng: Callable[[], float],
     journal: AcceptanceJournal | None,
 ) -> None:
-    remaining = list(claimed)  # claimed rows not yet recorded nor handed back
+    remaining = list(first.rows)  # claimed rows not yet recorded nor handed back
+    contacts = first.contacts
     pending: list[tuple[ClaimedRow, SendResult]] = []  # answered, not yet recorded
     unjournaled: JournalEntry | None = None  # the last acceptance, not yet in Redis
     rate_limited = any(rate > 0 for _, rate in batch.buckets)  # may a take have to wait?
@@ -339,6 +229,17 @@ def _send(
             with contextlib.suppress(SQLAlchemyError):  # broken: nothing to give back
                 status_connection.close()
             status_connection = None
+
+    def collect_rest() -> list[ClaimedRow]:
+        # The rest of the batch, claimed while the first chunk went out (ClaimAhead).
+        nonlocal ahead
+        if ahead is None:
+            return []
+        rest, ahead = ahead.collect(), None
+        rest.count_into(batch)
+        contacts.update(rest.contacts)
+        remaining.extend(rest.rows)
+        return rest.rows
 
     def take_token() -> None:
         # One round trip journals the previous call's acceptance and takes this call's
@@ -406,6 +307,7 @@ def _send(
         lease like the rows still to send, and its answer is journaled at the next
         call (or recorded by the final settle)."""
         nonlocal pending, remaining
+        rest = rest + collect_rest()  # only the first checkpoint has any to collect
         recorded, lease = pending, batch.lease
         in_line = recorder is None or any(res.outcome != "sent" for _, res in recorded)
         try:
@@ -463,7 +365,7 @@ def _send(
                 rows = {row.id: row for row in remaining}
                 pending.extend((rows[result.delivery_id], result) for result in results)
             return
-        to_send = list(remaining)
+        to_send = list(remaining) or collect_rest()  # the first chunk all suppressed
         while to_send:
             to_send = send_each(to_send[:CHECKPOINT_EVERY], to_send[CHECKPOINT_EVERY:])
     finally:
@@ -471,6 +373,7 @@ def _send(
         # PostgreSQL down, the soft time limit): record what the providers answered and
         # hand back what was never attempted.
         close_status_connection()
+        collect_rest()  # not collected (the first chunk ended early): handed back below
         try:
             if pending or remaining:
                 try:
@@ -577,7 +480,7 @@ def _renew(session: Session, batch: BatchRun, rows: list[ClaimedRow], lease: dat
     lease ran out and reconciliation took them back) are dropped from this batch."""
     renewed = session.execute(
         update(deliveries)
-        .where(_ours(batch, rows))
+        .where(ours(batch, rows))
         .values(lease_expires_at=lease)
         .returning(deliveries.c.id)
     ).all()
@@ -592,7 +495,7 @@ def _hand_back(session: Session, batch: BatchRun, rows: list[ClaimedRow]) -> int
         return 0
     return session.execute(
         update(deliveries)
-        .where(_ours(batch, rows))
+        .where(ours(batch, rows))
         .values(
             status="queued",
             lease_expires_at=None,
