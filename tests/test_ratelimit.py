@@ -208,6 +208,23 @@ def test_a_handed_over_entry_is_written_at_once_and_its_reply_read_later(redis_c
     limiter.close()
 
 
+def test_entries_are_written_byte_for_byte_whatever_their_characters(redis_client):
+    """The limiter packs its commands itself (RESP lengths count bytes, not
+    characters): entries with non-ASCII text and a bucket rate with decimals reach
+    Redis as given, by hand-over and by take alike."""
+    limiter = RateLimiter(redis_client, FixedClock(START))
+    channel = uuid.uuid4()
+    key = journal_key(channel)
+    limiter.hand_over(acceptance(channel, 1, 1, "<d1.é€@exämple.com>"))
+    assert limiter.take([("provider:sms", 2.5)], journal=acceptance(channel, 2, 1, "ß" * 300)) > 0
+    limiter.confirm()
+    assert redis_client.hgetall(key) == {
+        b"1:1": "<d1.é€@exämple.com>".encode(),
+        b"2:1": ("ß" * 300).encode(),
+    }
+    limiter.close()
+
+
 def test_a_hand_over_that_redis_refused_is_written_again_on_confirm(redis_client):
     """A Redis restart between two calls forgets the script (NOSCRIPT) or kills the
     connection: the entry did not land, so confirm loads the script or reconnects and
