@@ -9,6 +9,7 @@ the invariant: each channel's sent_count equals its deliveries with sent_at.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 import uuid
@@ -742,6 +743,92 @@ def test_a_batch_that_breaks_before_its_rest_is_collected_hands_the_rest_back(
     assert [d.status for d in after] == ["sent"] * 9 + ["queued"] * (2 * CHECKPOINT_EVERY - 9)
     assert {(d.attempts, d.lease_expires_at) for d in after[9:]} == {(0, None)}
     assert assert_counters_match(db_session, scenario) == 9
+
+
+class SoftTimeLimit(Exception):
+    """Stands for Celery's SoftTimeLimitExceeded: raised by a signal handler."""
+
+
+@contextmanager
+def soft_time_limit_armed():
+    """Yields arm(seconds): SIGALRM then raises SoftTimeLimit wherever the batch is,
+    as Celery's soft time limit does."""
+
+    def limit_reached(signum, frame):
+        raise SoftTimeLimit()
+
+    previous = signal.signal(signal.SIGALRM, limit_reached)
+    try:
+        yield lambda seconds: signal.setitimer(signal.ITIMER_REAL, seconds)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_the_soft_time_limit_while_the_rest_is_claimed_still_hands_the_rest_back(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    """The soft time limit strikes while the first checkpoint waits for the rest's
+    claim. It is not taken for a failed claim: it ends the batch, which collects the
+    claim (committed meanwhile) and hands those rows back with nothing attempted."""
+    scenario = make_scenario(db_session, "sms", 2 * CHECKPOINT_EVERY)
+    with soft_time_limit_armed() as arm, helper_thread_held() as release:
+
+        def strike_at_the_checkpoint(calls: int) -> None:
+            if calls == CHECKPOINT_EVERY:  # the checkpoint is next, and will wait
+                threading.Timer(0.5, release).start()
+                arm(0.1)
+
+        channel = Hooked(
+            channel_for("sms", twilio_sink.settings(settings)), strike_at_the_checkpoint
+        )
+        with pytest.raises(SoftTimeLimit):
+            run(
+                factory, scenario, settings, clock, limiter, channel,
+                journal=AcceptanceJournal(redis.Redis.from_url(TEST_REDIS_URL)),
+            )  # fmt: skip
+
+    after = rows(db_session, scenario)
+    assert [d.status for d in after] == ["sent"] * CHECKPOINT_EVERY + ["queued"] * CHECKPOINT_EVERY
+    assert {(d.attempts, d.lease_expires_at) for d in after[CHECKPOINT_EVERY:]} == {(0, None)}
+    assert len(twilio_sink.accepted()) == CHECKPOINT_EVERY
+    assert assert_counters_match(db_session, scenario) == CHECKPOINT_EVERY
+
+
+def test_the_soft_time_limit_while_a_recording_is_awaited_ends_the_batch_as_itself(
+    factory, db_session, settings, clock, limiter, twilio_sink
+):
+    """The second checkpoint waits for the first one's recording (held behind the busy
+    helper thread) when the soft time limit strikes: the batch ends with that
+    exception, not as a failed recording; what was sent is recorded once, the rest
+    handed back."""
+    scenario = make_scenario(db_session, "sms", 3 * CHECKPOINT_EVERY)
+    release = threading.Event()
+    with soft_time_limit_armed() as arm:
+
+        def strike(calls: int) -> None:
+            if calls == CHECKPOINT_EVERY - 5:  # the first recording will queue behind it
+                helper_thread().submit(release.wait, 30)
+            if calls == 2 * CHECKPOINT_EVERY:  # the second checkpoint is next
+                threading.Timer(0.5, release.set).start()
+                arm(0.1)
+
+        channel = Hooked(channel_for("sms", twilio_sink.settings(settings)), strike)
+        try:
+            with pytest.raises(SoftTimeLimit):
+                run(
+                    factory, scenario, settings, clock, limiter, channel,
+                    journal=AcceptanceJournal(redis.Redis.from_url(TEST_REDIS_URL)),
+                )  # fmt: skip
+        finally:
+            release.set()
+
+    after = rows(db_session, scenario)
+    sent = 2 * CHECKPOINT_EVERY
+    assert [d.status for d in after] == ["sent"] * sent + ["queued"] * CHECKPOINT_EVERY
+    assert {d.attempts for d in after[sent:]} == {0}
+    assert len(twilio_sink.accepted()) == sent
+    assert assert_counters_match(db_session, scenario) == sent
 
 
 def test_a_rest_claim_that_fails_leaves_its_rows_queued_for_another_batch(

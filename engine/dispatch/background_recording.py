@@ -62,15 +62,17 @@ class BackgroundRecorder:
 
     def wait(self) -> None:
         """Wait for the recording under way. If it failed, its outcomes are not in
-        PostgreSQL: they are handed back by raising RecordingFailed."""
+        PostgreSQL: they are handed back by raising RecordingFailed. What interrupts
+        the wait itself (the soft time limit's signal) propagates as it is, and the
+        recording can still be waited for."""
         if self._under_way is None:
             return
         future, outcomes = self._under_way
+        failure = future.exception()  # waits
         self._under_way = None
-        try:
-            counts = future.result()
-        except Exception as exc:
-            raise RecordingFailed(outcomes) from exc
+        if failure is not None:
+            raise RecordingFailed(outcomes) from failure
+        counts = future.result()
         for status, n in counts.items():
             self._batch.add(status, n)
 

@@ -128,15 +128,19 @@ class ClaimAhead:
     def collect(self) -> Claim:
         """The rest's claim, once: waits for it if it is still under way. A claim that
         failed (PostgreSQL down) committed nothing: its rows are still queued, and
-        reconciliation dispatches them again once their dispatch grace is over."""
+        reconciliation dispatches them again once their dispatch grace is over. What
+        interrupts the wait itself (the soft time limit's signal) propagates, and the
+        claim can still be collected, to be handed back."""
         if self._future is None:
             return Claim()
+        failure = self._future.exception()  # waits
         future, self._future = self._future, None
-        try:
-            return future.result()
-        except Exception:
-            log.warning("claiming the rest of a batch failed; its rows stay queued", exc_info=True)
+        if failure is not None:
+            log.warning(
+                "claiming the rest of a batch failed; its rows stay queued", exc_info=failure
+            )
             return Claim()
+        return future.result()
 
 
 def _claim_rows(
