@@ -88,6 +88,7 @@ def pg_cluster():
         pytest.skip(f"chaos tests need {' and '.join(missing)} (set HERALD_PG_BIN)")
     cluster = PostgresCluster()
     try:
+        previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
         cluster.init()
         cluster.start()
         admin = create_engine(
@@ -105,6 +106,14 @@ def pg_cluster():
         yield cluster
     finally:
         cluster.destroy()
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _interrupt(signum, frame):
+    """SIGTERM (a CI timeout, `kill`) would end pytest without running finalizers,
+    leaving this cluster and the tests' redis-server and workers running; raised as
+    KeyboardInterrupt it unwinds through them, as Ctrl-C does."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _empty_tables(factory: sessionmaker[Session]) -> None:
