@@ -13,7 +13,8 @@ the send loop waits for the GIL until the thread blocks on the database or the
 interpreter's switch interval forces it to let go: 5 ms by default, more than two
 calls' worth of provider latency at the speeds Herald sends. The process's interval
 is therefore lowered once the thread exists, so the loop waits half a millisecond at
-most; the thread's work is short, and the extra switches cost nothing measurable.
+most. Extra switches happen only while a thread waits for the GIL, i.e. while the
+helper has work, which is short.
 """
 
 from __future__ import annotations
