@@ -52,7 +52,7 @@ from engine.channels import Channel, OutboundMessage, SendResult
 from engine.clock import Clock
 from engine.db import session_scope
 from engine.dispatch.completion import UNFINISHED, complete_finished
-from engine.dispatch.messages import build_message
+from engine.dispatch.messages import build_message, contact_columns_read
 from engine.dispatch.recording import (
     SENT_COUNT_FROM_CHANGED,
     BatchReport,
@@ -185,10 +185,7 @@ def _lock(
     last_id: int,
     now: datetime,
 ) -> list[Row]:
-    columns = set(compiled.contact_columns)
-    if batch.channel_type == "push":
-        columns.add("push_tokens")  # build_message fans a push out to the tokens
-    ordered = tuple(sorted(columns))
+    ordered = tuple(sorted(contact_columns_read(compiled)))
     rows = session.execute(
         _lock_statement(batch.channel_type, ordered),
         {

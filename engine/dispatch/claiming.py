@@ -47,6 +47,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from engine.campaigns.rendering import CompiledChannel
 from engine.db import session_scope
 from engine.dispatch.helper_thread import helper_thread
+from engine.dispatch.messages import contact_columns_read
 from engine.dispatch.recording import BatchRun, ClaimedRow
 from engine.models import Campaign, Contact, Delivery, Suppression
 
@@ -216,11 +217,9 @@ def _contacts(
 ) -> dict[uuid.UUID, Any]:
     if not contact_ids:
         return {}
-    # Only the columns the templates read (as batch_sending does): decoding the rest,
+    # Only the columns the message reads (as batch_sending does): decoding the rest,
     # JSON attributes and timestamps above all, was most of this query's cost.
-    wanted_columns = set(compiled.contact_columns) | {"id"}
-    if batch.channel_type == "push":
-        wanted_columns.add("push_tokens")  # build_message fans a push out to the tokens
+    wanted_columns = contact_columns_read(compiled) | {"id"}
     table = Contact.__table__
     if batch.dialect == "postgresql":
         wanted = Contact.id == any_(bindparam("ids", contact_ids, type_=ARRAY(Uuid)))

@@ -13,6 +13,14 @@ from engine.campaigns.rendering import CompiledChannel
 from engine.channels import OutboundMessage
 
 
+def contact_columns_read(compiled: CompiledChannel) -> frozenset[str]:
+    """The contact columns build_message reads: the templates' (render), and a push's
+    tokens, which it fans the message out to. A sender fetches only these."""
+    if compiled.channel_type == "push":
+        return compiled.contact_columns | {"push_tokens"}
+    return compiled.contact_columns
+
+
 def build_message(
     compiled: CompiledChannel,
     contact: Any,
