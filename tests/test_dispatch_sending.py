@@ -155,6 +155,14 @@ def rows(session, scenario) -> list[Delivery]:
     ).all()  # fmt: skip
 
 
+def statuses_of(factory, scenario) -> dict[str, int]:
+    with factory() as other:
+        found = other.scalars(
+            select(Delivery.status).where(Delivery.campaign_channel_id == scenario.channel_id)
+        ).all()
+    return {s: found.count(s) for s in set(found)}
+
+
 def assert_counters_match(session, scenario) -> int:
     session.expire_all()
     sent_count = session.scalar(
@@ -338,20 +346,13 @@ def test_a_checkpoint_holds_up_no_call_its_acceptances_are_recorded_while_sendin
     ids = scenario.delivery_ids
     seen: dict[int, dict[str, int]] = {}
 
-    def statuses() -> dict[str, int]:
-        with factory() as other:
-            found = other.scalars(
-                select(Delivery.status).where(Delivery.campaign_channel_id == scenario.channel_id)
-            ).all()
-        return {s: found.count(s) for s in set(found)}
-
     def watch(delivery_id: int) -> None:  # what PostgreSQL holds before the answer is read
-        seen[delivery_id] = now = statuses()
+        seen[delivery_id] = now = statuses_of(factory, scenario)
         if delivery_id == ids[CHECKPOINT_EVERY]:  # call 51 is out
             deadline = time.monotonic() + 10
             while now.get("sent") != CHECKPOINT_EVERY - 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
-                now = statuses()
+                now = statuses_of(factory, scenario)
             seen[delivery_id] = now
 
     client = redis.Redis.from_url(TEST_REDIS_URL)
@@ -653,14 +654,6 @@ def helper_thread_held():
     finally:
         release.set()
         held.result()
-
-
-def statuses_of(factory, scenario) -> dict[str, int]:
-    with factory() as other:
-        found = other.scalars(
-            select(Delivery.status).where(Delivery.campaign_channel_id == scenario.channel_id)
-        ).all()
-    return {s: found.count(s) for s in set(found)}
 
 
 def test_the_rest_of_a_batch_is_claimed_while_its_first_chunk_goes_out(

@@ -13,11 +13,10 @@ At most one recording is under way per batch: the next one, and the batch's fina
 settle, first wait for it. It runs on the process's helper thread
 (engine.dispatch.helper_thread) and works on a snapshot of the batch (its own counts,
 the lease the rows were claimed under), so nothing is shared with the send loop while
-it runs. A recording that fails
-(PostgreSQL down) gives its outcomes back to the batch, which records them with its
-final settle or leaves them to the journal. Only with the journal and PostgreSQL:
-without Redis nothing holds the acceptances meanwhile, and SQLite (the embedded
-default, one writer) records in line.
+it runs. A recording that fails (PostgreSQL down) gives its outcomes back to the
+batch, which records them with its final settle or leaves them to the journal. Only
+with the journal and PostgreSQL: without Redis nothing holds the acceptances
+meanwhile, and SQLite (the embedded default, one writer) records in line.
 """
 
 from __future__ import annotations

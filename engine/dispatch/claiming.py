@@ -63,8 +63,9 @@ class Claim:
     rows: list[ClaimedRow] = field(default_factory=list)
     suppressed: int = 0
     contacts: dict[uuid.UUID, Any] = field(default_factory=dict)
-    last_id: int | None = None  # the highest id claimed, suppressed ones included
-    full: bool = False  # the limit was reached: rows past last_id may remain
+    # When the limit was reached: the highest id claimed (suppressed ones included),
+    # past which rows of the range may remain. None: the range has nothing left.
+    more_after: int | None = None
 
     def count_into(self, batch: BatchRun) -> None:
         batch.add("claimed", len(self.rows) + self.suppressed)
@@ -92,8 +93,7 @@ def claim(
         rows=rows,
         suppressed=len(suppressed),
         contacts=contacts,
-        last_id=claimed[-1].id if claimed else None,
-        full=limit is not None and len(claimed) == limit,
+        more_after=claimed[-1].id if limit is not None and len(claimed) == limit else None,
     )
 
 

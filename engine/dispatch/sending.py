@@ -155,8 +155,8 @@ def send_batch(
     # Committed: the claim is durable before any provider hears of these rows.
     first.count_into(batch)
     rest = None
-    if first.full and first.last_id is not None:  # more rows may remain: claim them now
-        rest = ClaimAhead(session_factory, batch, compiled, first.last_id, last_id, now)
+    if first.more_after is not None:  # claim what remains while the first chunk goes out
+        rest = ClaimAhead(session_factory, batch, compiled, first.more_after, last_id, now)
     if first.rows or rest is not None:
         _send(
             session_factory, batch, compiled, first, rest, settings, clock,
