@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 import time
 import uuid
@@ -186,26 +188,55 @@ def test_a_journal_entry_rides_on_the_take_granted_or_not(redis_client):
     assert redis_client.exists(journal_key(channel)) == 0
 
 
-def test_a_handed_over_entry_is_written_at_once_and_its_reply_read_later(redis_client):
-    """hand_over writes the entry without waiting; Redis applies it whether or not the
-    reply is ever read (another connection sees it). confirm reads the reply; so does
-    anything else the limiter sends next on its connection, first."""
+def _in_redis_soon(client, key: str, field: str) -> bytes | None:
+    """The field once Redis has it (it applies writes on its own time), or None."""
+    deadline = time.monotonic() + 5
+    while (value := client.hget(key, field)) is None and time.monotonic() < deadline:
+        time.sleep(0.001)  # waiting on another process, not pacing
+    return value
+
+
+def test_a_handed_over_entry_goes_on_when_pushed_and_its_reply_is_read_later(redis_client):
+    """hand_over gives the entry to the kernel, push lets it go: Redis applies it
+    whether or not the reply is ever read (another connection sees it). confirm reads
+    the reply, pushing first; so does anything else the limiter sends next on its
+    connection."""
     limiter = RateLimiter(redis_client, FixedClock(START))
     channel = uuid.uuid4()
     key = journal_key(channel)
     limiter.hand_over(acceptance(channel, 1, 1, "SM1"))
-    deadline = time.monotonic() + 5
-    while not redis_client.hexists(key, "1:1") and time.monotonic() < deadline:
-        time.sleep(0.001)  # applied by Redis on its own: no reply read yet
-    assert redis_client.hget(key, "1:1") == b"SM1"
+    limiter.push()
+    assert _in_redis_soon(redis_client, key, "1:1") == b"SM1"  # no reply read yet
     limiter.confirm()
     limiter.confirm()  # nothing due: nothing read
     limiter.hand_over(acceptance(channel, 2, 1, "SM2"))
-    limiter.hand_over(acceptance(channel, 3, 1, None))  # reads 2's reply before writing
-    assert limiter.take([("provider:sms", 5.0)]) > 0  # reads 3's reply, then its own
+    limiter.hand_over(acceptance(channel, 3, 1, None))  # pushes 2, reads its reply, writes
+    assert limiter.take([("provider:sms", 5.0)]) > 0  # pushes 3, reads its reply, then its own
     assert redis_client.hgetall(key) == {b"1:1": b"SM1", b"2:1": b"SM2", b"3:1": b""}
     assert 0 < redis_client.pttl(key) <= TTL_MS
+    limiter.hand_over(acceptance(channel, 4, 1, "SM4"))
+    limiter.confirm()  # never pushed: confirm does it, or it would wait for ever
+    assert redis_client.hget(key, "4:1") == b"SM4"
     limiter.close()
+
+
+def _hand_over_and_die(channel: uuid.UUID) -> None:
+    limiter = RateLimiter(redis.Redis.from_url(TEST_REDIS_URL), FixedClock(START))
+    limiter.take([], journal=acceptance(channel, 1, 1, "SM1"))  # connected, script loaded
+    limiter.hand_over(acceptance(channel, 2, 1, "SM2"))
+    os._exit(17)  # like SIGKILL: no push, no confirm, no close
+
+
+def test_an_entry_held_by_a_worker_that_dies_still_reaches_redis(redis_client):
+    """A worker killed between hand_over and push (its provider call written, the entry
+    still held back by the kernel): closing the dead process's socket sends what it
+    holds, and Redis applies the entry."""
+    channel = uuid.uuid4()
+    child = multiprocessing.get_context("fork").Process(target=_hand_over_and_die, args=(channel,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 17
+    assert _in_redis_soon(redis_client, journal_key(channel), "2:1") == b"SM2"
 
 
 def test_entries_are_written_byte_for_byte_whatever_their_characters(redis_client):

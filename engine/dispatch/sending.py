@@ -38,15 +38,16 @@ is in the journal, so there is never more than one call in flight.
 Between checkpoints, each acceptance is written to the Redis acceptance journal before
 the next provider call (engine.dispatch.journal): in the round trip that takes the
 next message's rate token when a rate applies; with none, written to Redis's socket
-just before the call and its reply read while the call is out (RateLimiter.hand_over:
-written bytes outlive the process, so a kill cannot undo it, and the round trip is off
-the path between two calls). In flight, i.e. called but not recorded
-anywhere, is then at most the one call awaiting its answer per worker process (the
-whole batch for a provider that takes batches in one call, like `null`; a whole
-checkpoint without Redis). A worker killed mid-batch can therefore cause at most that
-many resends, each with the same idempotency key (d<delivery id>: the SMTP Message-ID,
-the providers' idempotency headers): reconciliation records journaled acceptances as
-sent before it takes the rest of an expired lease back.
+just before the call, held there by the kernel until the call is out, and its reply
+read while the call is out (RateLimiter.hand_over: written bytes outlive the process,
+so a kill cannot undo it, and neither the round trip nor Redis's wake-up stands
+between two calls). In flight, i.e. called but not recorded anywhere, is then at most
+the one call awaiting its answer per worker process (the whole batch for a provider that
+takes batches in one call, like `null`; a whole checkpoint without Redis). A worker
+killed mid-batch can therefore cause at most that many resends, each with the same
+idempotency key (d<delivery id>: the SMTP Message-ID, the providers' idempotency
+headers): reconciliation records journaled acceptances as sent before it takes the rest
+of an expired lease back.
 """
 
 from __future__ import annotations
@@ -279,14 +280,19 @@ def _send(
                     take_token()
                     answer = channel.begin(message)
                 else:
-                    answer = channel.begin(message, hand_over_acceptance)
+                    try:
+                        answer = channel.begin(message, hand_over_acceptance)
+                    finally:
+                        rate_limiter.push()  # the acceptance held until this call was out
             try:
-                if answer is not None:
-                    rate_limiter.confirm()  # the hand-over's reply, while the call is out
                 if index + 1 < len(rows):
                     following = prepare(rows[index + 1])
                 else:
                     rest = checkpoint(row if answer is not None else None, rest)
+                if answer is not None:
+                    # The hand-over's reply, while the call is out; read after the next
+                    # message is prepared, by when it has come: no wait, no wake-up.
+                    rate_limiter.confirm()
             finally:
                 if answer is not None:
                     # Even when preparing or the checkpoint raised: this call's answer
