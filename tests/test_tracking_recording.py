@@ -279,7 +279,10 @@ def test_beat_task_adopts_orphans_on_a_real_worker(app, db_session, alice, celer
     import time
 
     sms = sent_delivery(db_session, alice["id"], "sms")
-    assert record_orphan(db_session, orphan("SM9"), NOW) is True
+    # Received now by the real clock, as the task reads it: an orphan received more than
+    # ORPHAN_TTL before the task runs is dropped, not adopted (with NOW here, this test
+    # failed from 2 Dec 2026 on).
+    assert record_orphan(db_session, orphan("SM9"), datetime.now(UTC)) is True
     db_session.execute(
         update(Delivery).where(Delivery.id == sms.delivery_id).values(provider_message_id="SM9")
     )
