@@ -215,7 +215,7 @@ def test_a_handed_over_entry_goes_on_when_pushed_and_its_reply_is_read_later(red
     assert redis_client.hgetall(key) == {b"1:1": b"SM1", b"2:1": b"SM2", b"3:1": b""}
     assert 0 < redis_client.pttl(key) <= TTL_MS
     limiter.hand_over(acceptance(channel, 4, 1, "SM4"))
-    limiter.confirm()  # never pushed: confirm does it, or it would wait for ever
+    limiter.confirm()  # never pushed: confirm pushes it, then reads its reply
     assert redis_client.hget(key, "4:1") == b"SM4"
     limiter.close()
 

@@ -7,8 +7,8 @@ written to Redis before the next call: in the same round trip that takes the nex
 message's rate token (see engine.ratelimit: the Lua script writes the entry, then
 debits the buckets), or, with no rate to wait for, written to the socket just before
 the call (held by the kernel until the call is out) and its reply read while the call
-is out (RateLimiter.hand_over). Either way a kill leaves at
-most the one call whose answer had not come back: the issue's "in flight".
+is out (RateLimiter.hand_over). Either way a kill leaves at most the one call whose
+answer had not come back: the issue's "in flight".
 
     key    herald:journal:<campaign_channel_id>   (a hash; expires when left alone)
     field  <delivery id>:<attempt number>
