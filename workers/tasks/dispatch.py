@@ -29,6 +29,7 @@ log = logging.getLogger("herald.dispatch")
 
 PROMOTE_DUE = "herald.promote_due"
 PLAN_CAMPAIGN = "herald.plan_campaign"
+PLAN_CHANNEL = "herald.plan_channel"
 RECONCILE = "herald.reconcile"
 
 
@@ -69,20 +70,40 @@ def promote_due_task() -> int:
 
 @shared_task(name=PLAN_CAMPAIGN)
 def plan_campaign_task(campaign_id: str) -> int:
-    """Plan each pending channel in its own transaction, enqueueing its batches as soon
-    as it commits, so a big email audience does not hold back SMS."""
+    """Plan the campaign's pending channels side by side: this task plans the first and
+    hands each other one to a plan_channel task, which another pool process takes.
+
+    A channel's planning is one long INSERT … SELECT, run by one PostgreSQL backend on
+    one CPU. Planned one after the other, a campaign's first channel kept the other CPU
+    of a 2-core host idle for its whole insert (~40 % idle for the first ~3 s of a
+    100,000 x 2 bench run), and the second waited for it."""
     campaign = uuid.UUID(campaign_id)
     with task_session() as session:
         channel_ids = channels_to_plan(session, campaign)
-    enqueued = 0
-    for channel_id in channel_ids:
+    for channel_id in channel_ids[1:]:
+        current_app.send_task(
+            PLAN_CHANNEL, kwargs={"campaign_id": campaign_id, "channel_id": str(channel_id)}
+        )
+    if not channel_ids:  # nothing to plan; complete it if its audience reached nobody
         with task_session() as session:
-            batches = plan_channel(session, channel_id, system_clock.now())
-        enqueued += enqueue_batches(batches)
-    # A campaign whose audience reaches nobody is finished as soon as it is planned.
+            complete_finished(session, system_clock.now(), campaign_id=campaign)
+        return 0
+    return plan_channel_task(campaign_id, str(channel_ids[0]))
+
+
+@shared_task(name=PLAN_CHANNEL)
+def plan_channel_task(campaign_id: str, channel_id: str) -> int:
+    """Plan one channel, enqueue its batches once committed. A duplicate, or a channel
+    planned meanwhile, plans nothing (plan_channel skips it)."""
     with task_session() as session:
-        complete_finished(session, system_clock.now(), campaign_id=campaign)
-    log.info("planned campaign %s: %d batch(es)", campaign_id, enqueued)
+        batches = plan_channel(session, uuid.UUID(channel_id), system_clock.now())
+    enqueued = enqueue_batches(batches)
+    # A campaign whose audience reaches nobody is finished as soon as it is planned;
+    # whichever channel is planned last sees it (complete_finished decides by
+    # compare-and-set from what is committed).
+    with task_session() as session:
+        complete_finished(session, system_clock.now(), campaign_id=uuid.UUID(campaign_id))
+    log.info("planned channel %s of campaign %s: %d batch(es)", channel_id, campaign_id, enqueued)
     return enqueued
 
 
