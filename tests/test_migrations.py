@@ -12,6 +12,7 @@ import os
 import pprint
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from io import StringIO
@@ -41,6 +42,9 @@ UPDATED_AT_TABLES = frozenset(
     name for name, table in Base.metadata.tables.items() if "updated_at" in table.c
 )
 MIRROR = "models_mirror"
+# Migration 0009: a channel's deliveries go with it by trigger, not by a foreign key.
+CHANNEL_DELETE_TRIGGER = "trg_campaign_channels_delete_deliveries"
+CHANNEL_DELETE_FUNCTION = "herald_delete_channel_deliveries"
 # Python and the database share this machine's clock; this only absorbs SQLite's
 # millisecond truncation and scheduling jitter.
 CLOCK_SLACK = timedelta(seconds=2)
@@ -211,11 +215,11 @@ def assert_pg_at_head(engine: sa.Engine) -> None:
         state = pg_state(conn)
         version = conn.scalar(sa.text("SELECT version_num FROM alembic_version"))
     assert state["tables"] == MODEL_TABLES | {"alembic_version"}
-    assert state["functions"] == {"herald_set_updated_at"}
+    assert state["functions"] == {"herald_set_updated_at", CHANNEL_DELETE_FUNCTION}
     assert state["triggers"] == {
         (table, f"trg_{table}_set_updated_at", "herald_set_updated_at")
         for table in UPDATED_AT_TABLES
-    }
+    } | {("campaign_channels", CHANNEL_DELETE_TRIGGER, CHANNEL_DELETE_FUNCTION)}
     assert version == head_revision()
 
 
@@ -378,6 +382,54 @@ def test_postgresql_on_delete_rules(pg_conn: sa.Connection) -> None:
     assert one("SELECT count(*) FROM deliveries WHERE id = :id", id=delivery_id) == 0
 
 
+def _channel_with_delivery(conn: sa.Connection, user_id: Any, name: str) -> tuple[Any, Any]:
+    """A campaign with one email channel and one delivery on it: (campaign, delivery)."""
+    campaign_id = conn.scalar(
+        sa.text("INSERT INTO campaigns (id, user_id, name) VALUES (:id, :u, :n) RETURNING id"),
+        {"id": str(uuid.uuid4()), "u": str(user_id), "n": name},
+    )
+    channel_id = conn.scalar(
+        sa.text(
+            "INSERT INTO campaign_channels (id, campaign_id, channel_type)"
+            " VALUES (:id, :c, 'email') RETURNING id"
+        ),
+        {"id": str(uuid.uuid4()), "c": str(campaign_id)},
+    )
+    delivery_id = conn.scalar(
+        sa.text(
+            "INSERT INTO deliveries (campaign_channel_id, contact_id, created_at)"
+            " VALUES (:ch, NULL, CURRENT_TIMESTAMP) RETURNING id"
+        ),
+        {"ch": str(channel_id)},
+    )
+    return campaign_id, delivery_id
+
+
+def _deliveries_left(conn: sa.Connection, *ids: Any) -> int:
+    return conn.scalar(
+        sa.text("SELECT count(*) FROM deliveries WHERE id IN ({})".format(",".join(map(str, ids))))
+    )
+
+
+def test_postgresql_deleting_a_user_deletes_every_channels_deliveries(
+    pg_conn: sa.Connection,
+) -> None:
+    # Deliveries have no foreign key to their channel (migration 0009): a statement
+    # trigger on campaign_channels deletes them, also when the channels go by the
+    # cascade from users through campaigns, several at once.
+    user_id = insert_user(pg_conn, "erased@example.com")
+    other_user = insert_user(pg_conn, "kept@example.com")
+    first = _channel_with_delivery(pg_conn, user_id, "one")
+    second = _channel_with_delivery(pg_conn, user_id, "two")
+    kept = _channel_with_delivery(pg_conn, other_user, "kept")
+    assert _deliveries_left(pg_conn, first[1], second[1], kept[1]) == 3
+
+    pg_conn.execute(sa.text("DELETE FROM users WHERE id = :id"), {"id": user_id})
+
+    assert _deliveries_left(pg_conn, first[1], second[1]) == 0
+    assert _deliveries_left(pg_conn, kept[1]) == 1
+
+
 def test_offline_mode_renders_postgresql_ddl() -> None:
     # `alembic upgrade head --sql` has no connection at all: an unreachable host proves it.
     buffer = StringIO()
@@ -418,7 +470,7 @@ def assert_sqlite_at_head(engine: sa.Engine) -> None:
     }
     assert {(name, table) for kind, name, table in objects if kind == "trigger"} == {
         (f"trg_{table}_set_updated_at", table) for table in UPDATED_AT_TABLES
-    }
+    } | {(CHANNEL_DELETE_TRIGGER, "campaign_channels")}
     assert version == head_revision()
 
 
@@ -449,6 +501,31 @@ def test_sqlite_upgrade_downgrade_round_trip(tmp_path: Path) -> None:
         assert sqlite_objects(conn) == {("table", "alembic_version", "alembic_version")}
     command.upgrade(config, "head")
     assert_sqlite_at_head(engine)
+
+
+def test_sqlite_deleting_a_campaign_or_user_deletes_its_deliveries(tmp_path: Path) -> None:
+    # SQLite's form of migration 0009's trigger, fired by its foreign keys' cascades.
+    url = sqlite_url(tmp_path / "herald.sqlite3")
+    command.upgrade(alembic_config(url), "head")
+    engine = sa.create_engine(url, poolclass=sa.NullPool)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA foreign_keys=ON")  # as engine.db does for the app
+        user_id = uuid.uuid4().hex
+        conn.execute(
+            sa.text("INSERT INTO users (id, email, password_hash) VALUES (:id, 'a@x.com', 'x')"),
+            {"id": user_id},
+        )
+        first = _channel_with_delivery(conn, user_id, "one")
+        second = _channel_with_delivery(conn, user_id, "two")
+        assert _deliveries_left(conn, first[1], second[1]) == 2
+
+        conn.execute(sa.text("DELETE FROM campaigns WHERE id = :id"), {"id": first[0]})
+        assert _deliveries_left(conn, first[1]) == 0
+        assert _deliveries_left(conn, second[1]) == 1
+
+        conn.execute(sa.text("DELETE FROM users WHERE id = :id"), {"id": user_id})
+        assert _deliveries_left(conn, second[1]) == 0
+        conn.commit()
 
 
 def test_sqlite_schema_matches_models_create_all(tmp_path: Path) -> None:

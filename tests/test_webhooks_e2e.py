@@ -104,7 +104,7 @@ def deliveries(db_session, campaign_id, channel: str) -> list[Delivery]:
     return list(
         db_session.scalars(
             select(Delivery)
-            .join(CampaignChannel)
+            .join(CampaignChannel, CampaignChannel.id == Delivery.campaign_channel_id)
             .where(
                 CampaignChannel.campaign_id == campaign_id, CampaignChannel.channel_type == channel
             )
@@ -213,7 +213,7 @@ def test_provider_reports_come_back_and_counters_equal_the_log(
     planned = dict(
         db_session.execute(
             select(CampaignChannel.channel_type, func.count(Delivery.id))
-            .join(Delivery)
+            .join(Delivery, Delivery.campaign_channel_id == CampaignChannel.id)
             .where(CampaignChannel.campaign_id == second.id)
             .group_by(CampaignChannel.channel_type)
         ).all()
