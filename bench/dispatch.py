@@ -67,13 +67,15 @@ NAIVE_TASK = "herald.bench.naive_send"  # herald.* → the default queue
 # Beat's own interval: a shorter one piles reconcile tasks up behind the sends.
 RECONCILE_TICK = get_settings().reconcile_interval
 # The observer shares the two CPUs with what it measures, so each poll must cost little:
-# one prepared statement on a kept connection, and the page-table walk behind PSS only
-# every PSS_EVERY seconds. Polled through the ORM with PSS every time, it used ~11 % of
-# the machine during a run (perf, 7 Dec 2026), all of it taken from the workers and
-# PostgreSQL. Completion is timed from campaigns.ended_at, so POLL only bounds how late
-# the observer notices it, not the figure.
+# one prepared statement on a kept connection. The workers' /proc files are read every
+# SAMPLE_EVERY seconds and once at the end: VmHWM (peak RSS) and the CPU times are the
+# kernel's own running totals, so only PSS (a walk of every page) depends on how often
+# it is sampled. Polled through the ORM with every /proc file read each time, it used
+# ~11 % of the machine during a run (perf, 7 Dec 2026), all of it taken from the workers
+# and PostgreSQL. Completion is timed from campaigns.ended_at, so POLL only bounds how
+# late the observer notices it, not the figure.
 POLL = 0.05
-PSS_EVERY = 1.0
+SAMPLE_EVERY = 1.0
 
 EMAIL_CONFIG = {
     "subject": "Hello {{ contact.first_name }}",
@@ -167,7 +169,7 @@ class Workers:
     peak_kb: dict[int, tuple[str, int]] = field(default_factory=dict)
     peak_pss_kb: dict[int, int] = field(default_factory=dict)
     cpu_s: dict[int, float] = field(default_factory=dict)
-    pss_sampled_at: float = float("-inf")
+    sampled_at: float = float("-inf")
 
     def start(self) -> None:
         for i in range(self.count):
@@ -197,19 +199,19 @@ class Workers:
             time.sleep(0.2)
         raise RuntimeError("workers did not start in time")
 
-    def sample_rss(self, *, force_pss: bool = False) -> None:
-        """Record VmHWM (the kernel's own peak RSS) and CPU of every worker process seen
-        so far, and their PSS at most every PSS_EVERY seconds (it walks every page)."""
-        now = time.monotonic()
-        with_pss = force_pss or now - self.pss_sampled_at >= PSS_EVERY
-        if with_pss:
-            self.pss_sampled_at = now
+    def sample(self, *, now: bool = False) -> None:
+        """Record VmHWM (the kernel's own peak RSS), PSS and CPU time of every worker
+        process seen so far: at most every SAMPLE_EVERY seconds, unless `now`."""
+        at = time.monotonic()
+        if not now and at - self.sampled_at < SAMPLE_EVERY:
+            return
+        self.sampled_at = at
         for proc in self.procs:
             for pid, role in [(proc.pid, "parent"), *((c, "child") for c in children(proc.pid))]:
                 hwm = vm_hwm_kb(pid)
                 if hwm is not None:
                     self.peak_kb[pid] = (role, max(hwm, self.peak_kb.get(pid, ("", 0))[1]))
-                pss = pss_kb(pid) if with_pss else None
+                pss = pss_kb(pid)
                 if pss is not None:
                     self.peak_pss_kb[pid] = max(pss, self.peak_pss_kb.get(pid, 0))
                 cpu = cpu_seconds(pid)
@@ -392,7 +394,7 @@ def run_engine(factory, args, user_id: uuid.UUID) -> tuple[Run, uuid.UUID]:
     try:
         workers.start()
         workers.wait_ready()
-        workers.sample_rss(force_pss=True)
+        workers.sample(now=True)
         worker_cpu_before = dict(workers.cpu_s)
         db_cpu_before = database_cpu(factory)
         observer_pid = observer.scalar(text("SELECT pg_backend_pid()"))
@@ -432,9 +434,9 @@ def run_engine(factory, args, user_id: uuid.UUID) -> tuple[Run, uuid.UUID]:
             if now >= next_reconcile:  # playing beat
                 app.send_task("herald.reconcile")
                 next_reconcile = now + RECONCILE_TICK
-            workers.sample_rss()
+            workers.sample()
             time.sleep(POLL)
-        workers.sample_rss(force_pss=True)
+        workers.sample(now=True)
     finally:
         workers.stop()
         observer.close()
@@ -510,12 +512,12 @@ def run_naive(factory, args, user_id: uuid.UUID) -> tuple[Run, uuid.UUID]:
                         CampaignChannel.campaign_id == campaign_id
                     )
                 )
-            workers.sample_rss()
+            workers.sample()
             if counted >= expected:
                 completed_s = time.perf_counter() - started
                 break
             time.sleep(POLL)
-        workers.sample_rss(force_pss=True)
+        workers.sample(now=True)
     finally:
         workers.stop()
     with session_scope(factory) as session:
