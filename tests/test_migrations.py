@@ -396,10 +396,7 @@ def _channel_with_delivery(conn: sa.Connection, user_id: Any, name: str) -> tupl
         {"id": str(uuid.uuid4()), "c": str(campaign_id)},
     )
     delivery_id = conn.scalar(
-        sa.text(
-            "INSERT INTO deliveries (campaign_channel_id, contact_id, created_at)"
-            " VALUES (:ch, NULL, CURRENT_TIMESTAMP) RETURNING id"
-        ),
+        sa.text("INSERT INTO deliveries (campaign_channel_id) VALUES (:ch) RETURNING id"),
         {"ch": str(channel_id)},
     )
     return campaign_id, delivery_id
