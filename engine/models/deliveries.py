@@ -37,7 +37,8 @@ class Delivery(Base):
         # A batch is "this channel's queued rows with id between a and b": one range of
         # this index (migration 0005). Its prefix serves completion and stats by status.
         Index(None, "campaign_channel_id", "status", "id"),
-        Index(None, "contact_id"),
+        # No index on contact_id alone (migration 0010): erasure, its only reader, finds
+        # a contact's rows through the unique key above, one probe per channel.
         # Reconciliation's two sweeps look only at these few rows, never the whole log:
         # retries that came due, and sends whose worker lease ran out.
         Index(

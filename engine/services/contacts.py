@@ -73,12 +73,25 @@ def delete_contact(session: Session, user_id: uuid.UUID, contact_id: uuid.UUID |
     no one left to send them to (a planner at work is waited for first). The foreign
     keys then clear data_events.contact_id and remove its contact_sources links as the
     contact row goes.
+
+    The rows are found through the owner's channels: a contact's deliveries can only be
+    in its own user's campaigns, and (channel, contact) is the deliveries' unique key,
+    so this is one index probe per channel. Deliveries keep no index on contact_id
+    alone (migration 0010), which every planned and sent message would pay for.
     """
     contact = get_owned(session, Contact, user_id, contact_id, what="contact", for_update=True)
     _wait_for_planners(session, user_id)
+    owners_channels = (
+        select(CampaignChannel.id)
+        .join(Campaign, Campaign.id == CampaignChannel.campaign_id)
+        .where(Campaign.user_id == user_id)
+    )
     session.execute(
         update(Delivery)
-        .where(Delivery.contact_id == contact.id)
+        .where(
+            Delivery.campaign_channel_id.in_(owners_channels),
+            Delivery.contact_id == contact.id,
+        )
         .values(
             contact_id=None,
             address=None,
