@@ -81,15 +81,10 @@ def delete_contact(session: Session, user_id: uuid.UUID, contact_id: uuid.UUID |
     """
     contact = get_owned(session, Contact, user_id, contact_id, what="contact", for_update=True)
     _wait_for_planners(session, user_id)
-    owners_channels = (
-        select(CampaignChannel.id)
-        .join(Campaign, Campaign.id == CampaignChannel.campaign_id)
-        .where(Campaign.user_id == user_id)
-    )
     session.execute(
         update(Delivery)
         .where(
-            Delivery.campaign_channel_id.in_(owners_channels),
+            Delivery.campaign_channel_id.in_(_channels_of(user_id)),
             Delivery.contact_id == contact.id,
         )
         .values(
@@ -118,11 +113,19 @@ def _wait_for_planners(session: Session, user_id: uuid.UUID) -> None:
     reconciliation plans it again a few seconds later, without this contact.
     SQLite has one writer at a time and no row locks; there is nothing to wait for."""
     session.execute(
-        select(CampaignChannel.id)
-        .join(Campaign, Campaign.id == CampaignChannel.campaign_id)
-        .where(Campaign.user_id == user_id, CampaignChannel.status.in_(PLANNABLE))
+        _channels_of(user_id)
+        .where(CampaignChannel.status.in_(PLANNABLE))
         .with_for_update(of=CampaignChannel, read=True)
     ).all()
+
+
+def _channels_of(user_id: uuid.UUID) -> Select:
+    """The ids of every channel of the user's campaigns."""
+    return (
+        select(CampaignChannel.id)
+        .join(Campaign, Campaign.id == CampaignChannel.campaign_id)
+        .where(Campaign.user_id == user_id)
+    )
 
 
 def contacts_query(
